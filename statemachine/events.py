@@ -1,0 +1,276 @@
+"""Event types and their JSON codec.
+
+Every change of a job, a batch or an instance's health is one of these frozen dataclasses.
+The codec turns a recorded event (``seq``, ``ts``, the event) into one JSON object and
+back; it knows nothing of files (that is ``statemachine.log``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import orjson
+
+from statemachine.errors import CorruptLog
+from statemachine.plan import BatchPlan
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base of all events. ``type`` is the tag written to the log."""
+
+    type: ClassVar[str] = ""
+
+    def to_fields(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> Event:
+        return cls(**fields)
+
+
+EVENT_TYPES: dict[str, type[Event]] = {}
+
+
+def _register(cls: type[Event]) -> type[Event]:
+    EVENT_TYPES[cls.type] = cls
+    return cls
+
+
+# --- batches -------------------------------------------------------------------------
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class BatchAccepted(Event):
+    """A prompt file became a batch. Carries the whole plan and the file's sha256."""
+
+    type: ClassVar[str] = "batch_accepted"
+    plan: BatchPlan
+
+    @property
+    def batch_id(self) -> str:
+        return self.plan.batch_id
+
+    def to_fields(self) -> dict[str, Any]:
+        return {"plan": self.plan.to_dict()}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> Event:
+        return cls(BatchPlan.from_dict(fields["plan"]))
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class BatchStarted(Event):
+    """The first job of the batch was dispatched."""
+
+    type: ClassVar[str] = "batch_started"
+    batch_id: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class BatchGateOpened(Event):
+    """The COMBINE gate opened: the batch's COMBINE jobs may become ready."""
+
+    type: ClassVar[str] = "batch_gate_opened"
+    batch_id: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class BatchDone(Event):
+    type: ClassVar[str] = "batch_done"
+    batch_id: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class BatchFailed(Event):
+    type: ClassVar[str] = "batch_failed"
+    batch_id: str
+    reason: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class BatchCancelled(Event):
+    type: ClassVar[str] = "batch_cancelled"
+    batch_id: str
+    reason: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class BatchRetried(Event):
+    """A user asked to run a failed or cancelled batch again."""
+
+    type: ClassVar[str] = "batch_retried"
+    batch_id: str
+
+
+# --- jobs ----------------------------------------------------------------------------
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class JobReady(Event):
+    """Dependencies (and, for COMBINE, the gate) are satisfied."""
+
+    type: ClassVar[str] = "job_ready"
+    job_id: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class JobDispatchIntent(Event):
+    """Written (and fsynced) before ``POST /prompt`` with this prompt_id is sent."""
+
+    type: ClassVar[str] = "job_dispatch_intent"
+    job_id: str
+    instance_id: str
+    prompt_id: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class JobQueued(Event):
+    """The server accepted the prompt."""
+
+    type: ClassVar[str] = "job_queued"
+    job_id: str
+    prompt_id: str
+    number: int
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class JobStarted(Event):
+    type: ClassVar[str] = "job_started"
+    job_id: str
+    prompt_id: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class JobSucceeded(Event):
+    """The render finished; ``outputs`` is what the server reported, node by node."""
+
+    type: ClassVar[str] = "job_succeeded"
+    job_id: str
+    prompt_id: str
+    outputs: dict[str, Any]
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class JobAttemptFailed(Event):
+    """An attempt failed and another is allowed from ``eligible_at`` on (the backoff)."""
+
+    type: ClassVar[str] = "job_attempt_failed"
+    job_id: str
+    prompt_id: str
+    error: str
+    eligible_at: float
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class JobFailed(Event):
+    """No attempt left, or the failure is permanent (invalid workflow)."""
+
+    type: ClassVar[str] = "job_failed"
+    job_id: str
+    prompt_id: str
+    error: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class JobLost(Event):
+    """The job's instance lost it (restart, unreachable too long): ready again, no attempt
+    used."""
+
+    type: ClassVar[str] = "job_lost"
+    job_id: str
+    prompt_id: str
+    reason: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class JobCancelled(Event):
+    type: ClassVar[str] = "job_cancelled"
+    job_id: str
+    reason: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class JobReset(Event):
+    """A failed or cancelled job goes back to waiting with its attempts reset."""
+
+    type: ClassVar[str] = "job_reset"
+    job_id: str
+
+
+# --- instances -----------------------------------------------------------------------
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class InstanceUp(Event):
+    type: ClassVar[str] = "instance_up"
+    instance_id: str
+
+
+@_register
+@dataclass(frozen=True, slots=True)
+class InstanceDown(Event):
+    type: ClassVar[str] = "instance_down"
+    instance_id: str
+    reason: str
+
+
+# --- the recorded form ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """An event as it stands in the log: its position and the time it was recorded."""
+
+    seq: int
+    ts: float
+    event: Event
+
+
+def encode(rec: Recorded) -> bytes:
+    """One log line, newline included."""
+    body = {"seq": rec.seq, "ts": rec.ts, "type": rec.event.type, "v": SCHEMA_VERSION}
+    body.update(rec.event.to_fields())
+    return orjson.dumps(body) + b"\n"
+
+
+def decode(line: bytes) -> Recorded:
+    """Parse one log line; anything unexpected is a ``CorruptLog`` (the caller adds where)."""
+    try:
+        body = orjson.loads(line)
+        version = body.pop("v")
+        seq, ts, tag = body.pop("seq"), body.pop("ts"), body.pop("type")
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise CorruptLog(f"not an event record ({exc})") from None
+    if version != SCHEMA_VERSION:
+        raise CorruptLog(f"event schema version {version!r} is not supported")
+    cls = EVENT_TYPES.get(tag)
+    if cls is None:
+        raise CorruptLog(f"unknown event type {tag!r}")
+    try:
+        event = cls.from_fields(body)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise CorruptLog(f"bad fields for {tag}: {exc}") from None
+    return Recorded(seq, ts, event)

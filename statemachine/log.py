@@ -1,0 +1,165 @@
+"""The append-only event log: bytes lines on disk (or in memory for tests), group commit,
+torn-tail repair and compaction. It knows nothing of event types; ``events`` does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+from statemachine.errors import CorruptLog, LogWriteError
+
+
+class Log(Protocol):
+    """What the store needs from a log. ``append`` buffers; ``commit`` makes it durable."""
+
+    def lines(self) -> Iterator[tuple[int, bytes]]: ...
+    def append(self, line: bytes) -> None: ...
+    def commit(self) -> None: ...
+    def compact(self, snapshot: bytes) -> None: ...
+    def load_snapshot(self) -> bytes | None: ...
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a created, renamed or removed name in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """tmp + fsync + rename + directory fsync: readers see the old or the new file, whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+class EventLog:
+    """``events.jsonl`` plus ``snapshot.json`` in one directory.
+
+    Opening repairs a torn tail (a last chunk without its newline, left by a crash in the
+    middle of a write) and records how many bytes it cut in ``repaired_bytes``.
+    """
+
+    def __init__(self, directory: Path, name: str = "events.jsonl") -> None:
+        self.path = directory / name
+        self.snapshot_path = directory / "snapshot.json"
+        directory.mkdir(parents=True, exist_ok=True)
+        created = not self.path.exists()
+        self._file = open(self.path, "ab")  # noqa: SIM115 - lives as long as the log
+        if created:
+            fsync_dir(directory)
+        self.repaired_bytes = self._repair_tail()
+        self._durable_size = self._file.tell()
+        self._pending: list[bytes] = []
+
+    def _repair_tail(self) -> int:
+        size = os.fstat(self._file.fileno()).st_size
+        if size == 0:
+            return 0
+        with open(self.path, "rb") as f:
+            f.seek(max(0, size - 65536))
+            tail = f.read()
+        cut = len(tail) - (tail.rfind(b"\n") + 1)
+        if cut == 0:
+            return 0
+        if cut == len(tail) and size > len(tail):
+            raise CorruptLog(f"{self.path}: last 64 KiB hold no line end")
+        self._file.truncate(size - cut)
+        self._file.seek(0, os.SEEK_END)
+        os.fsync(self._file.fileno())
+        return cut
+
+    def lines(self) -> Iterator[tuple[int, bytes]]:
+        """Every committed line with its 1-based line number."""
+        with open(self.path, "rb") as f:
+            yield from enumerate(f, start=1)
+
+    def append(self, line: bytes) -> None:
+        self._pending.append(line)
+
+    def commit(self) -> None:
+        """Write what was appended since the last commit and fsync once (group commit).
+
+        On failure the file is cut back to its last durable size and the lines stay
+        pending, so a later commit can succeed without a torn or doubled record.
+        """
+        if not self._pending:
+            return
+        try:
+            self._file.write(b"".join(self._pending))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            self._roll_back()
+            raise LogWriteError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+        self._pending.clear()
+        self._durable_size = self._file.tell()
+
+    def _roll_back(self) -> None:
+        try:
+            self._file.truncate(self._durable_size)
+            self._file.seek(self._durable_size)
+        except OSError:
+            # The disk refuses even a truncate; reopening on the next start repairs the tail.
+            pass
+
+    def compact(self, snapshot: bytes) -> None:
+        """Write a snapshot of everything committed, then start the log afresh.
+
+        A crash between the two steps leaves the snapshot and the full log; replay skips
+        the lines the snapshot already holds, so either survivor is consistent.
+        """
+        self.commit()
+        write_atomic(self.snapshot_path, snapshot)
+        self._file.close()
+        write_atomic(self.path, b"")
+        self._file = open(self.path, "ab")  # noqa: SIM115
+        self._durable_size = self._file.tell()
+
+    def load_snapshot(self) -> bytes | None:
+        try:
+            return self.snapshot_path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class MemoryLog:
+    """The same contract in memory. ``crash()`` drops what was not committed."""
+
+    def __init__(self) -> None:
+        self.committed: list[bytes] = []
+        self.pending: list[bytes] = []
+        self.snapshot: bytes | None = None
+
+    def lines(self) -> Iterator[tuple[int, bytes]]:
+        yield from enumerate(list(self.committed), start=1)
+
+    def append(self, line: bytes) -> None:
+        self.pending.append(line)
+
+    def commit(self) -> None:
+        self.committed.extend(self.pending)
+        self.pending.clear()
+
+    def crash(self) -> None:
+        self.pending.clear()
+
+    def compact(self, snapshot: bytes) -> None:
+        self.commit()
+        self.snapshot = snapshot
+        self.committed = []
+
+    def load_snapshot(self) -> bytes | None:
+        return self.snapshot

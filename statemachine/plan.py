@@ -1,0 +1,75 @@
+"""What the planner produces: a batch plan of jobs with their dependencies and parameters.
+
+A plan is plain data (frozen dataclasses of str/int/tuples) so it can be carried whole in
+the ``batch_accepted`` event and rebuilt from it on replay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class JobKind(StrEnum):
+    HIGH = "HIGH"
+    LOW = "LOW"
+    COMBINE = "COMBINE"
+
+    @property
+    def renders(self) -> bool:
+        """HIGH and LOW jobs render; COMBINE jobs only join finished chunks."""
+        return self is not JobKind.COMBINE
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """One unit of work: a job id unique in the whole log, its kind, chunk and inputs.
+
+    ``params`` holds the values a workflow binding may use: prompts, seed, frame range,
+    size and artifact paths (relative to the artifact root).
+    """
+
+    job_id: str
+    kind: JobKind
+    chunk: int
+    deps: tuple[str, ...]
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "kind": self.kind.value, "chunk": self.chunk,
+                "deps": list(self.deps), "params": dict(self.params)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JobSpec:
+        return cls(d["job_id"], JobKind(d["kind"]), d["chunk"], tuple(d["deps"]),
+                   dict(d["params"]))
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPlan:
+    """One video: its name, where it came from and the jobs that render it, in plan order."""
+
+    batch_id: str
+    name: str
+    source: str
+    sha256: str
+    priority: int
+    total_frames: int
+    frames_per_chunk: int
+    jobs: tuple[JobSpec, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["jobs"] = [j.to_dict() for j in self.jobs]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BatchPlan:
+        fields = {k: v for k, v in d.items() if k != "jobs"}
+        return cls(**fields, jobs=tuple(JobSpec.from_dict(j) for j in d["jobs"]))
+
+
+def job_id(batch_id: str, kind: JobKind, chunk: int) -> str:
+    """``b0003/H2``: readable in logs, unique across batches, sortable within one."""
+    return f"{batch_id}/{kind.value[0]}{chunk}"

@@ -1,0 +1,359 @@
+"""The one place state changes.
+
+``Store.record(event, now)`` appends the event to the log, then applies it, then records
+the events that follow from it by rule (``statemachine.rules``). ``Store.open(log)``
+rebuilds exactly that state from a snapshot and the log. The caller commits (one fsync
+per loop turn) with ``Store.commit()``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from statemachine import events as ev
+from statemachine.errors import CorruptLog, IllegalTransition
+from statemachine.job import (
+    BATCH_FINAL,
+    BATCH_MACHINE,
+    BATCH_MOVES,
+    IN_FLIGHT,
+    JOB_FINAL,
+    JOB_MACHINE,
+    JOB_MOVES,
+    Batch,
+    BatchState,
+    Job,
+    JobState,
+    fire,
+    replay_move,
+)
+from statemachine.log import Log
+from statemachine.plan import BatchPlan, JobKind
+from statemachine.rules import follow_ups
+from statemachine.scheduler import InstanceView
+
+SNAPSHOT_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The rules' knobs, taken from the settings."""
+
+    max_retries: int = 3
+    retry_delay: float = 5.0
+    retry_delay_max: float = 300.0
+    combine_gate: str = "batch"
+
+
+Listener = Callable[[ev.Recorded, Any], None]
+
+# event type -> (job or batch, trigger); events not listed move no state machine.
+_JOB_TRIGGERS: dict[type[ev.Event], str] = {
+    ev.JobReady: "promote", ev.JobDispatchIntent: "dispatch", ev.JobQueued: "accept",
+    ev.JobStarted: "start", ev.JobSucceeded: "succeed", ev.JobAttemptFailed: "retry_later",
+    ev.JobLost: "lose", ev.JobFailed: "fail", ev.JobCancelled: "cancel", ev.JobReset: "reset",
+}
+_BATCH_TRIGGERS: dict[type[ev.Event], str] = {
+    ev.BatchStarted: "start", ev.BatchGateOpened: "open_gate", ev.BatchDone: "finish",
+    ev.BatchFailed: "fail", ev.BatchCancelled: "cancel", ev.BatchRetried: "reset",
+}
+
+
+class Store:
+    """All jobs, batches and instance health, as folded from the event log."""
+
+    def __init__(self, log: Log, policy: Policy | None = None) -> None:
+        self.log = log
+        self.policy = policy or Policy()
+        self.seq = 0
+        self.batches: dict[str, Batch] = {}
+        self.jobs: dict[str, Job] = {}
+        self.ready: dict[str, Job] = {}  # insertion order is readiness order
+        self.in_flight: dict[str, Job] = {}
+        self.instance_up: dict[str, bool] = {}
+        self.by_sha256: dict[str, str] = {}
+        self.unfinished_renders = 0
+        self.listeners: list[Listener] = []
+
+    # --- recording -------------------------------------------------------------------
+
+    def record(self, event: ev.Event, now: float) -> None:
+        """Append and apply ``event``, then every event that follows from it by rule.
+
+        Raises IllegalTransition (and records nothing) if the event is not allowed now.
+        """
+        self._apply(ev.Recorded(self.seq + 1, now, event), live=True)
+        for follow in follow_ups(self, event):
+            self.record(follow, now)
+
+    def commit(self) -> None:
+        """Make everything recorded so far durable: one fsync (group commit)."""
+        self.log.commit()
+
+    def _append(self, rec: ev.Recorded) -> None:
+        self.log.append(ev.encode(rec))
+
+    def _apply(self, rec: ev.Recorded, live: bool) -> None:
+        event = rec.event
+        kind = type(event)
+        if kind in _JOB_TRIGGERS:
+            subject: Any = self._move_job(rec, _JOB_TRIGGERS[kind], live)
+        elif kind in _BATCH_TRIGGERS:
+            subject = self._move_batch(rec, _BATCH_TRIGGERS[kind], live)
+        elif kind is ev.BatchAccepted:
+            subject = self._accept(rec, live)
+        else:
+            subject = self._set_instance(rec, live)
+        self.seq = rec.seq
+        if live:
+            for listener in self.listeners:
+                listener(rec, subject)
+
+    # --- jobs ------------------------------------------------------------------------
+
+    def _move_job(self, rec: ev.Recorded, trigger: str, live: bool) -> Job:
+        event: Any = rec.event
+        job = self._job(event.job_id)
+        if job.state in IN_FLIGHT and getattr(event, "prompt_id", job.prompt_id) != job.prompt_id:
+            raise IllegalTransition(
+                f"{job!r}: {event.type} for prompt {event.prompt_id}, in flight as {job.prompt_id}")
+        old = job.state
+        if live:
+            fire(JOB_MACHINE, job, trigger, lambda: self._append(rec), jobs=self.jobs, now=rec.ts)
+        else:
+            replay_move(JOB_MOVES, job, trigger)
+        _JOB_FIELDS[type(event)](job, event, rec.ts)
+        self._reindex(job, old, rec.seq)
+        return job
+
+    def _job(self, job_id: str) -> Job:
+        try:
+            return self.jobs[job_id]
+        except KeyError:
+            raise IllegalTransition(f"unknown job {job_id!r}") from None
+
+    def _reindex(self, job: Job, old: JobState, seq: int) -> None:
+        """Keep the ready and in-flight indexes and the counters the rules use."""
+        new = job.state
+        if old is JobState.READY:
+            del self.ready[job.job_id]
+        if new is JobState.READY:
+            job.ready_seq = seq
+            self.ready[job.job_id] = job
+        if old in IN_FLIGHT and new not in IN_FLIGHT:
+            del self.in_flight[job.job_id]
+        elif new in IN_FLIGHT:
+            self.in_flight[job.job_id] = job
+        if (old in JOB_FINAL) == (new in JOB_FINAL):
+            return
+        step = -1 if new in JOB_FINAL else 1
+        if job.kind.renders:
+            self.unfinished_renders += step
+        if new is JobState.SUCCEEDED:
+            if job.kind.renders:
+                job.batch.renders_left -= 1
+            else:
+                job.batch.combines_left -= 1
+
+    # --- batches ---------------------------------------------------------------------
+
+    def _accept(self, rec: ev.Recorded, live: bool) -> Batch:
+        plan: BatchPlan = rec.event.plan
+        _check_plan(plan, self.batches, self.jobs)
+        if live:
+            self._append(rec)
+        batch = Batch(plan, rec.ts)
+        for spec in plan.jobs:
+            job = Job(spec, batch)
+            batch.jobs.append(job)
+            self.jobs[spec.job_id] = job
+        for job in batch.jobs:
+            for dep in job.spec.deps:
+                self.jobs[dep].dependants.append(job)
+        self.batches[plan.batch_id] = batch
+        self.by_sha256.setdefault(plan.sha256, plan.batch_id)
+        self.unfinished_renders += batch.renders_left
+        return batch
+
+    def _move_batch(self, rec: ev.Recorded, trigger: str, live: bool) -> Batch:
+        event: Any = rec.event
+        batch = self.batches.get(event.batch_id)
+        if batch is None:
+            raise IllegalTransition(f"unknown batch {event.batch_id!r}")
+        if live:
+            fire(BATCH_MACHINE, batch, trigger, lambda: self._append(rec))
+        else:
+            replay_move(BATCH_MOVES, batch, trigger)
+        batch.reason = getattr(event, "reason", batch.reason)
+        batch.ended_at = rec.ts if batch.state in BATCH_FINAL else None
+        return batch
+
+    # --- instances -------------------------------------------------------------------
+
+    def _set_instance(self, rec: ev.Recorded, live: bool) -> str:
+        event: Any = rec.event
+        if live:
+            self._append(rec)
+        self.instance_up[event.instance_id] = isinstance(event, ev.InstanceUp)
+        return event.instance_id
+
+    # --- queries ---------------------------------------------------------------------
+
+    def instance_views(self, instances: Iterable[Any]) -> list[InstanceView]:
+        """Scheduler input for configured instances (``instance_id``, ``job_types``,
+        ``max_concurrent``); an instance never reported UP counts as DOWN."""
+        load = Counter(j.instance_id for j in self.in_flight.values())
+        return [InstanceView(i.instance_id, frozenset(i.job_types), i.max_concurrent,
+                             self.instance_up.get(i.instance_id, False), load[i.instance_id])
+                for i in instances]
+
+    def combines_in_flight(self) -> int:
+        return sum(1 for j in self.in_flight.values() if j.kind is JobKind.COMBINE)
+
+    def open_batches(self) -> Iterable[Batch]:
+        return (b for b in self.batches.values() if b.state not in BATCH_FINAL)
+
+    # --- replay and snapshots --------------------------------------------------------
+
+    @classmethod
+    def open(cls, log: Log, policy: Policy | None = None) -> Store:
+        """Rebuild the state from the snapshot (if any) and the log after it."""
+        store = cls(log, policy)
+        snapshot = log.load_snapshot()
+        if snapshot is not None:
+            store._restore(orjson.loads(snapshot))
+        for line_no, line in log.lines():
+            store._replay_line(line_no, line)
+        return store
+
+    def _replay_line(self, line_no: int, line: bytes) -> None:
+        try:
+            rec = ev.decode(line)
+            if rec.seq <= self.seq:  # already in the snapshot
+                return
+            if rec.seq != self.seq + 1:
+                raise CorruptLog(f"sequence jumps from {self.seq} to {rec.seq}")
+            self._apply(rec, live=False)
+        except (CorruptLog, IllegalTransition) as exc:
+            raise CorruptLog(f"event log line {line_no}: {exc}") from None
+
+    def compact(self) -> None:
+        """Replace the log by a snapshot of the current state (commits first)."""
+        self.log.compact(orjson.dumps(self.snapshot()))
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole state as plain data; equal snapshots mean equal stores."""
+        return {
+            "version": SNAPSHOT_VERSION,
+            "seq": self.seq,
+            "instance_up": dict(sorted(self.instance_up.items())),
+            "batches": [_batch_state(b) for b in self.batches.values()],
+        }
+
+    def _restore(self, snap: dict[str, Any]) -> None:
+        if snap.get("version") != SNAPSHOT_VERSION:
+            raise CorruptLog(f"snapshot version {snap.get('version')!r} is not supported")
+        for b in snap["batches"]:
+            batch = self._accept(ev.Recorded(0, b["accepted_at"],
+                                             ev.BatchAccepted(BatchPlan.from_dict(b["plan"]))),
+                                 live=False)
+            batch.state, batch.reason = BatchState(b["state"]), b["reason"]
+            batch.ended_at = b["ended_at"]
+            for job, saved in zip(batch.jobs, b["jobs"], strict=True):
+                _restore_job(job, saved)
+                self._reindex(job, JobState.WAITING, job.ready_seq)
+        self.ready = dict(sorted(self.ready.items(), key=lambda kv: kv[1].ready_seq))
+        self.instance_up = dict(snap["instance_up"])
+        self.seq = snap["seq"]
+
+
+def _check_plan(plan: BatchPlan, batches: dict[str, Batch], jobs: dict[str, Job]) -> None:
+    if plan.batch_id in batches:
+        raise IllegalTransition(f"batch {plan.batch_id!r} already exists")
+    ids = {j.job_id for j in plan.jobs}
+    if len(ids) != len(plan.jobs) or any(i in jobs for i in ids):
+        raise IllegalTransition(f"batch {plan.batch_id!r}: job ids are not unique")
+    seen: set[str] = set()
+    for job in plan.jobs:
+        if not set(job.deps) <= seen:
+            raise IllegalTransition(f"{job.job_id}: dependencies must come earlier in the plan")
+        seen.add(job.job_id)
+
+
+# --- how each job event changes a job's fields (besides its state) ---------------------
+
+
+def _on_ready(job: Job, e: Any, ts: float) -> None:
+    job.eligible_at = ts
+
+
+def _on_intent(job: Job, e: Any, ts: float) -> None:
+    job.instance_id, job.prompt_id, job.number = e.instance_id, e.prompt_id, None
+
+
+def _on_queued(job: Job, e: Any, ts: float) -> None:
+    job.number = e.number
+
+
+def _on_succeeded(job: Job, e: Any, ts: float) -> None:
+    job.outputs = e.outputs
+
+
+def _on_attempt_failed(job: Job, e: Any, ts: float) -> None:
+    job.attempts += 1
+    job.error, job.eligible_at = e.error, e.eligible_at
+    job.instance_id = job.prompt_id = None
+
+
+def _on_failed(job: Job, e: Any, ts: float) -> None:
+    job.attempts += 1
+    job.error = e.error
+
+
+def _on_lost(job: Job, e: Any, ts: float) -> None:
+    job.eligible_at = ts
+    job.instance_id = job.prompt_id = None
+
+
+def _on_cancelled(job: Job, e: Any, ts: float) -> None:
+    job.error = e.reason  # instance and prompt stay: the daemon stops the render there
+
+
+def _on_reset(job: Job, e: Any, ts: float) -> None:
+    job.attempts, job.error, job.outputs = 0, None, None
+    job.instance_id = job.prompt_id = None
+
+
+def _unchanged(job: Job, e: Any, ts: float) -> None:
+    return None
+
+
+_JOB_FIELDS: dict[type[ev.Event], Callable[[Job, Any, float], None]] = {
+    ev.JobReady: _on_ready, ev.JobDispatchIntent: _on_intent, ev.JobQueued: _on_queued,
+    ev.JobStarted: _unchanged, ev.JobSucceeded: _on_succeeded,
+    ev.JobAttemptFailed: _on_attempt_failed, ev.JobFailed: _on_failed, ev.JobLost: _on_lost,
+    ev.JobCancelled: _on_cancelled, ev.JobReset: _on_reset,
+}
+
+_JOB_SAVED = ("eligible_at", "ready_seq", "attempts", "instance_id", "prompt_id", "number",
+              "error", "outputs")
+
+
+def _batch_state(batch: Batch) -> dict[str, Any]:
+    return {
+        "plan": batch.plan.to_dict(), "state": batch.state.value, "reason": batch.reason,
+        "accepted_at": batch.accepted_at, "ended_at": batch.ended_at,
+        "jobs": [{"state": j.state.value, **{k: getattr(j, k) for k in _JOB_SAVED}}
+                 for j in batch.jobs],
+    }
+
+
+def _restore_job(job: Job, saved: dict[str, Any]) -> None:
+    job.state = JobState(saved["state"])
+    for key in _JOB_SAVED:
+        setattr(job, key, saved[key])

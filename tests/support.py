@@ -1,0 +1,32 @@
+"""Helpers shared by the core tests: small plans and a driver that plays the daemon's part."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+
+from statemachine import events as ev
+from statemachine.plan import BatchPlan
+from statemachine.planner import PromptSpec, plan_batch
+
+
+def make_plan(batch_id: str, frames: int = 303, chunk: int = 101, priority: int = 0
+              ) -> BatchPlan:
+    spec = PromptSpec(name=f"video {batch_id}", frames=frames, positive="a test",
+                      priority=priority)
+    sha = hashlib.sha256(f"{batch_id}:{frames}".encode()).hexdigest()
+    return plan_batch(spec, batch_id=batch_id, sha256=sha, source=f"{batch_id}.txt",
+                      frames_per_chunk=chunk, width=832, height=480)
+
+
+def dispatch(store, job_id: str, instance_id: str, now: float) -> str:
+    prompt_id = str(uuid.uuid4())
+    store.record(ev.JobDispatchIntent(job_id, instance_id, prompt_id), now)
+    return prompt_id
+
+
+def run_to_success(store, job_id: str, instance_id: str, now: float) -> None:
+    prompt_id = dispatch(store, job_id, instance_id, now)
+    store.record(ev.JobQueued(job_id, prompt_id, 1), now)
+    store.record(ev.JobStarted(job_id, prompt_id), now)
+    store.record(ev.JobSucceeded(job_id, prompt_id, {"9": {"images": []}}), now)

@@ -1,0 +1,112 @@
+"""The event log on a real disk: torn tails, corruption, a kill in the middle of appends."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support import make_plan
+
+from statemachine import events as ev
+from statemachine.errors import CorruptLog, LogWriteError
+from statemachine.log import EventLog
+from statemachine.store import Store
+
+HERE = Path(__file__).parent
+
+
+def write_events(directory: Path, n: int) -> Store:
+    store = Store(EventLog(directory))
+    for i in range(n):
+        store.record(ev.InstanceUp(f"i{i}"), now=float(i))
+    store.commit()
+    return store
+
+
+def test_events_survive_a_reopen(tmp_path):
+    store = write_events(tmp_path, 5)
+    store.record(ev.BatchAccepted(make_plan("a")), 9)
+    store.commit()
+    assert Store.open(EventLog(tmp_path)).snapshot() == store.snapshot()
+
+
+def test_a_torn_last_line_is_cut_and_reported(tmp_path):
+    write_events(tmp_path, 3)
+    good = (tmp_path / "events.jsonl").read_bytes()
+    with open(tmp_path / "events.jsonl", "ab") as f:
+        f.write(b'{"seq": 4, "ts": 1.0, "type": "inst')
+    log = EventLog(tmp_path)
+    assert log.repaired_bytes == len(b'{"seq": 4, "ts": 1.0, "type": "inst')
+    assert (tmp_path / "events.jsonl").read_bytes() == good
+    assert Store.open(log).seq == 3
+
+
+def test_nul_padding_after_the_last_line_is_cut(tmp_path):
+    write_events(tmp_path, 2)
+    with open(tmp_path / "events.jsonl", "ab") as f:
+        f.write(b"\0" * 4096)
+    assert Store.open(EventLog(tmp_path)).seq == 2
+
+
+def test_a_corrupt_middle_line_stops_replay_with_its_number(tmp_path):
+    write_events(tmp_path, 4)
+    path = tmp_path / "events.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[1] = b'{"seq": 2, "ts": 0, "ty\n'
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(CorruptLog, match="line 2"):
+        Store.open(EventLog(tmp_path))
+
+
+def test_a_failed_write_keeps_the_file_whole_and_the_events_pending(tmp_path, monkeypatch):
+    store = write_events(tmp_path, 2)
+    before = (tmp_path / "events.jsonl").read_bytes()
+    store.record(ev.InstanceUp("late"), 5)
+    real_fsync = os.fsync
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(LogWriteError, match="No space left"):
+        store.commit()
+    assert (tmp_path / "events.jsonl").read_bytes() == before
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    store.commit()
+    assert Store.open(EventLog(tmp_path)).snapshot() == store.snapshot()
+
+
+def test_compaction_then_more_events_then_reopen(tmp_path):
+    store = write_events(tmp_path, 3)
+    store.record(ev.BatchAccepted(make_plan("a")), 4)
+    store.compact()
+    assert (tmp_path / "events.jsonl").read_bytes() == b""
+    store.record(ev.InstanceUp("after"), 5)
+    store.commit()
+    assert Store.open(EventLog(tmp_path)).snapshot() == store.snapshot()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sigkill_during_appends_loses_at_most_the_unsynced_turn(tmp_path, seed):
+    env = {**os.environ, "PYTHONPATH": f"{HERE}:{HERE.parent}"}
+    proc = subprocess.Popen([sys.executable, str(HERE / "log_writer.py"), str(tmp_path)],
+                            stdout=subprocess.PIPE, env=env)
+    turns = random.Random(seed).randint(5, 60)
+    committed = 0
+    for _ in range(turns):
+        committed = int(proc.stdout.readline())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    store = Store.open(EventLog(tmp_path))  # repairs a torn tail, raises on corruption
+    assert store.seq >= committed
+    expected = Store(EventLog(tmp_path / "expected"))
+    for n in range(len(store.batches)):
+        expected.record(ev.BatchAccepted(make_plan(f"b{n}", frames=505)), now=float(n))
+        expected.record(ev.InstanceUp(f"i{n}"), now=float(n))
+    assert store.snapshot()["batches"] == expected.snapshot()["batches"]

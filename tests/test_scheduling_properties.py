@@ -1,0 +1,338 @@
+"""Stateful property test of the core: the store, its rules and the scheduler, driven the
+way the daemon drives them, with crashes and replays, checked after every step.
+
+The budget is set by COMFY_DUAL_EXAMPLES (default 200); `make soak` runs it with 2,000.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from support import make_plan
+
+from statemachine import events as ev
+from statemachine.job import IN_FLIGHT, JOB_FINAL, BatchState, JobState
+from statemachine.log import MemoryLog
+from statemachine.plan import JobKind
+from statemachine.rules import cancel_batch, failure_event, retry_batch
+from statemachine.scheduler import InstanceView, schedule
+from statemachine.store import Policy, Store
+
+
+@dataclass(frozen=True)
+class Inst:
+    instance_id: str
+    job_types: frozenset[str]
+    max_concurrent: int
+
+
+LAYOUTS = {
+    "dual": (Inst("high", frozenset({"HIGH", "COMBINE"}), 2),
+             Inst("low", frozenset({"LOW", "COMBINE"}), 2)),
+    "single": (Inst("one", frozenset({"HIGH", "LOW", "COMBINE"}), 2),),
+    "three": (Inst("h1", frozenset({"HIGH"}), 1), Inst("h2", frozenset({"HIGH"}), 2),
+              Inst("low", frozenset({"LOW", "COMBINE"}), 1)),
+    "combiner": (Inst("high", frozenset({"HIGH"}), 2), Inst("low", frozenset({"LOW"}), 3),
+                 Inst("mix", frozenset({"COMBINE"}), 1)),
+}
+MAX_BATCHES = 5
+EXAMPLES = int(os.environ.get("COMFY_DUAL_EXAMPLES", "200"))
+
+
+def may_run(kind: JobKind, view: InstanceView, views, fallback: bool) -> bool:
+    """The placement rule, restated independently of the scheduler's code: an UP instance
+    of the job's type, or, when FALLBACK is on and every such instance is DOWN, any UP one."""
+    if not view.up:
+        return False
+    if kind.value in view.job_types:
+        return True
+    return fallback and not any(v.up and kind.value in v.job_types for v in views)
+
+
+class CoreMachine(RuleBasedStateMachine):
+    @initialize(layout=st.sampled_from(sorted(LAYOUTS)), gate=st.sampled_from(["batch", "global"]),
+                fallback=st.booleans(), combine_concurrency=st.integers(1, 2),
+                max_retries=st.integers(0, 2))
+    def setup(self, layout, gate, fallback, combine_concurrency, max_retries):
+        self.instances = LAYOUTS[layout]
+        self.fallback = fallback
+        self.combine_concurrency = combine_concurrency
+        self.policy = Policy(max_retries=max_retries, retry_delay=5, retry_delay_max=20,
+                             combine_gate=gate)
+        self.log = MemoryLog()
+        self.now = 0.0
+        self.submitted = 0
+        self.fallback_jobs: set[str] = set()
+        self.states: dict[int, dict] = {}
+        self._open(Store(self.log, self.policy))
+        self.states[0] = self.store.snapshot()
+        for inst in self.instances:
+            self.store.record(ev.InstanceUp(inst.instance_id), self.now)
+        self.turn()
+
+    def _open(self, store: Store) -> None:
+        self.store = store
+        store.listeners.append(self._observe)
+
+    def _observe(self, rec: ev.Recorded, subject) -> None:
+        if isinstance(rec.event, ev.BatchGateOpened):
+            batch = self.store.batches[rec.event.batch_id]
+            assert batch.renders_left == 0, "gate opened before the batch rendered"
+            if self.policy.combine_gate == "global":
+                assert self.store.unfinished_renders == 0, "global gate opened early"
+        self.states[rec.seq] = self.store.snapshot()
+
+    # --- the daemon's turn: schedule, record intents, commit ---------------------------
+
+    def views(self):
+        return self.store.instance_views(self.instances)
+
+    def turn(self) -> None:
+        views = self.views()
+        ready = list(self.store.ready.values())
+        picks = schedule(ready, views, now=self.now, fallback=self.fallback,
+                         combine_concurrency=self.combine_concurrency,
+                         combines_in_flight=self.store.combines_in_flight())
+        self.check_fifo(picks, ready, views)
+        for pick in picks:
+            job = self.store.jobs[pick.job_id]
+            if pick.fallback:
+                assert self.fallback, "fallback used while FALLBACK is off"
+                assert not any(v.up and job.kind.value in v.job_types for v in views)
+                self.fallback_jobs.add(pick.job_id)
+            else:
+                self.fallback_jobs.discard(pick.job_id)
+            self.store.record(ev.JobDispatchIntent(pick.job_id, pick.instance_id,
+                                                   str(uuid.uuid4())), self.now)
+        self.store.commit()
+
+    def check_fifo(self, picks, ready, views) -> None:
+        """No eligible job is passed over for one that became ready after it."""
+        picked = {p.job_id: p.instance_id for p in picks}
+        by_id = {v.instance_id: v for v in views}
+        for job_id, instance_id in picked.items():
+            job = self.store.jobs[job_id]
+            key = (-job.priority, job.ready_seq)
+            for other in ready:
+                if (other.job_id in picked or other.eligible_at > self.now
+                        or (-other.priority, other.ready_seq) >= key):
+                    continue
+                if other.kind is JobKind.COMBINE and job.kind is not JobKind.COMBINE:
+                    continue  # COMBINE may be held back by its own concurrency limit
+                assert not may_run(other.kind, by_id[instance_id], views, self.fallback), (
+                    f"{other.job_id} was ready before {job_id} and skipped")
+
+    # --- rules ---------------------------------------------------------------------------
+
+    @precondition(lambda self: self.submitted < MAX_BATCHES)
+    @rule(frames=st.integers(1, 350), chunk=st.sampled_from([50, 101, 200]),
+          priority=st.integers(0, 2))
+    def submit(self, frames, chunk, priority):
+        batch_id = f"b{self.submitted}"
+        self.submitted += 1
+        self.store.record(ev.BatchAccepted(make_plan(batch_id, frames, chunk, priority)),
+                          self.now)
+        self.turn()
+
+    @rule(dt=st.sampled_from([0.5, 3, 10, 30]))
+    def tick(self, dt):
+        self.now += dt
+        self.turn()
+
+    def pick_in_flight(self, index: int, states=IN_FLIGHT):
+        jobs = [j for j in self.store.in_flight.values() if j.state in states]
+        return jobs[index % len(jobs)] if jobs else None
+
+    @rule(index=st.integers(0, 100))
+    def server_takes_it(self, index):
+        job = self.pick_in_flight(index, {JobState.DISPATCHING, JobState.QUEUED})
+        if job is None:
+            return
+        if job.state is JobState.DISPATCHING:
+            self.store.record(ev.JobQueued(job.job_id, job.prompt_id, index), self.now)
+        else:
+            self.store.record(ev.JobStarted(job.job_id, job.prompt_id), self.now)
+        self.turn()
+
+    @rule(index=st.integers(0, 100),
+          outcome=st.sampled_from(["success"] * 6 + ["retryable", "permanent", "lost"]))
+    def server_finishes(self, index, outcome):
+        job = self.pick_in_flight(index)
+        if job is None:
+            return
+        if outcome == "success":
+            event = ev.JobSucceeded(job.job_id, job.prompt_id, {"9": {"images": []}})
+        elif outcome == "lost":
+            event = ev.JobLost(job.job_id, job.prompt_id, "instance restarted")
+        else:
+            event = failure_event(job, f"{outcome} error", permanent=outcome == "permanent",
+                                  now=self.now, policy=self.policy)
+        attempts_before = job.attempts
+        self.store.record(event, self.now)
+        if outcome == "retryable":
+            retried = attempts_before < self.policy.max_retries
+            assert job.state is (JobState.READY if retried else JobState.FAILED), job
+            if retried:
+                delay = min(5 * 2 ** attempts_before, 20)
+                assert job.eligible_at == self.now + delay
+        self.turn()
+
+    @rule(n=st.integers(1, 12))
+    def servers_finish_many(self, n):
+        """Several successes in a row, so runs reach the COMBINE phase of many batches."""
+        for _ in range(n):
+            if not self.store.in_flight:
+                break
+            job = next(iter(self.store.in_flight.values()))
+            self.store.record(ev.JobSucceeded(job.job_id, job.prompt_id, {}), self.now)
+            self.turn()
+
+    @rule(index=st.integers(0, 10), up=st.booleans())
+    def instance_health(self, index, up):
+        inst = self.instances[index % len(self.instances)]
+        if self.store.instance_up.get(inst.instance_id) == up:
+            return
+        event = ev.InstanceUp(inst.instance_id) if up else ev.InstanceDown(inst.instance_id,
+                                                                             "probe failed")
+        self.store.record(event, self.now)
+        self.turn()
+
+    @rule(index=st.integers(0, 10))
+    def instance_loses_its_jobs(self, index):
+        inst = self.instances[index % len(self.instances)]
+        for job in [j for j in self.store.in_flight.values() if j.instance_id == inst.instance_id]:
+            self.store.record(ev.JobLost(job.job_id, job.prompt_id, "instance lost"), self.now)
+        self.turn()
+
+    @rule(index=st.integers(0, 10))
+    def user_cancels(self, index):
+        batches = list(self.store.open_batches())
+        if batches:
+            for event in cancel_batch(batches[index % len(batches)], "user"):
+                self.store.record(event, self.now)
+        self.turn()
+
+    @rule(index=st.integers(0, 10))
+    def user_retries(self, index):
+        ended = [b for b in self.store.batches.values()
+                 if b.state in (BatchState.FAILED, BatchState.CANCELLED)]
+        if ended:
+            for event in retry_batch(ended[index % len(ended)]):
+                self.store.record(event, self.now)
+        self.turn()
+
+    @rule(frames=st.integers(1, 300))
+    def crash_mid_turn(self, frames):
+        """Record part of a turn without committing, crash, and replay the log."""
+        committed = self.store.seq
+        self.store.record(ev.BatchAccepted(make_plan(f"lost{self.now}-{frames}", frames)),
+                          self.now)
+        self.log.crash()
+        self._open(Store.open(self.log, self.policy))
+        assert self.store.seq == committed
+        assert self.store.snapshot() == self.states[committed]
+        self.turn()
+
+    @rule(data=st.data())
+    def replay_any_prefix(self, data):
+        if self.log.snapshot is not None:
+            return  # compacted: prefixes before the snapshot are gone by design
+        k = data.draw(st.integers(0, len(self.log.committed)), label="prefix")
+        prefix = MemoryLog()
+        prefix.committed = self.log.committed[:k]
+        assert Store.open(prefix, self.policy).snapshot() == self.states[k]
+
+    @rule()
+    def compact(self):
+        self.store.compact()
+        assert Store.open(self.log, self.policy).snapshot() == self.store.snapshot()
+
+    # --- invariants ----------------------------------------------------------------------
+
+    @invariant()
+    def indexes_match_states(self):
+        jobs = self.store.jobs.values()
+        assert set(self.store.ready) == {j.job_id for j in jobs if j.state is JobState.READY}
+        assert set(self.store.in_flight) == {j.job_id for j in jobs if j.state in IN_FLIGHT}
+        seqs = [j.ready_seq for j in self.store.ready.values()]
+        assert seqs == sorted(seqs)
+        assert self.store.unfinished_renders == sum(
+            1 for j in jobs if j.kind.renders and j.state not in JOB_FINAL)
+
+    @invariant()
+    def affinity_and_capacity(self):
+        for view in self.views():
+            assert view.in_flight <= view.max_concurrent, view
+        for job in self.store.in_flight.values():
+            inst = next(i for i in self.instances if i.instance_id == job.instance_id)
+            assert job.kind.value in inst.job_types or job.job_id in self.fallback_jobs
+
+    @invariant()
+    def dependencies_and_gate(self):
+        for job in self.store.jobs.values():
+            if job.state in IN_FLIGHT or job.state is JobState.SUCCEEDED:
+                assert all(self.store.jobs[d].state is JobState.SUCCEEDED
+                           for d in job.spec.deps), job
+            if job.kind is JobKind.COMBINE and job.state not in (JobState.WAITING,
+                                                                 JobState.CANCELLED):
+                assert job.batch.state in (BatchState.COMBINING, BatchState.DONE) or (
+                    job.state in (JobState.SUCCEEDED, JobState.FAILED)), job
+                assert job.batch.renders_left == 0
+
+    @invariant()
+    def combine_concurrency(self):
+        assert self.store.combines_in_flight() <= self.combine_concurrency
+
+    @invariant()
+    def work_conservation(self):
+        views = self.views()
+        combine_free = self.store.combines_in_flight() < self.combine_concurrency
+        for view in views:
+            if not view.up or view.in_flight >= view.max_concurrent:
+                continue
+            for job in self.store.ready.values():
+                if job.eligible_at > self.now or (job.kind is JobKind.COMBINE
+                                                  and not combine_free):
+                    continue
+                assert not may_run(job.kind, view, views, self.fallback), (
+                    f"{view.instance_id} idles while {job.job_id} is ready")
+
+    @invariant()
+    def batch_states_agree_with_jobs(self):
+        for batch in self.store.batches.values():
+            states = {j.state for j in batch.jobs}
+            if batch.state is BatchState.DONE:
+                assert states == {JobState.SUCCEEDED}
+            if batch.state in (BatchState.FAILED, BatchState.CANCELLED):
+                assert states <= JOB_FINAL
+
+    def teardown(self):
+        """Liveness: once every instance is up and every render succeeds, all batches end."""
+        if not hasattr(self, "store"):
+            return
+        for inst in self.instances:
+            if not self.store.instance_up.get(inst.instance_id):
+                self.store.record(ev.InstanceUp(inst.instance_id), self.now)
+        for _ in range(2000):
+            self.turn()
+            if not self.store.in_flight and not self.store.ready:
+                break
+            if not self.store.in_flight:
+                self.now += 60
+                continue
+            job = next(iter(self.store.in_flight.values()))
+            self.store.record(ev.JobSucceeded(job.job_id, job.prompt_id, {}), self.now)
+        for batch in self.store.batches.values():
+            assert batch.state in (BatchState.DONE, BatchState.FAILED, BatchState.CANCELLED), (
+                f"{batch!r} never ended")
+
+
+CoreMachine.TestCase.settings = settings(
+    max_examples=EXAMPLES, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+TestCore = CoreMachine.TestCase
