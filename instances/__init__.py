@@ -1,0 +1,1 @@
+"""ComfyUI instances: the HTTP/websocket client, the instance pool and the simulator."""
