@@ -1,0 +1,527 @@
+"""HTTP and websocket client for one ComfyUI server.
+
+Every failure leaves the client as a comfy-dual error, never a raw ``requests`` or
+``websocket`` exception:
+
+- the server cannot be reached (refused, reset, timed out) -> ``InstanceUnreachable``;
+- it refused the graph (400 with ``node_errors``) -> ``WorkflowRejected``, a
+  ``PermanentDispatchError`` carrying the parsed body;
+- any other 4xx -> ``PermanentDispatchError``; 5xx -> ``TransientDispatchError``.
+
+A read timeout on ``submit`` does not say whether the server queued the prompt: the caller
+must look the prompt_id up in ``history()`` and ``queue()`` before posting it again.
+
+Threads: the dispatcher, the poller and the health checker share one client per instance.
+``requests.Session`` is not documented as thread-safe, and one Session behind a lock would
+let a slow ``view`` download stall every health check, so each thread gets its own Session
+(``threading.local``): connection reuse per thread, no shared mutable state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+from urllib.parse import quote, urlsplit
+
+import orjson
+import requests
+import structlog
+import websocket
+
+from statemachine.errors import (
+    BadConfig,
+    ComfyDualError,
+    InstanceUnreachable,
+    PermanentDispatchError,
+    TransientDispatchError,
+)
+
+log = structlog.get_logger(__name__)
+
+Status = Literal["success", "error", "interrupted"]
+T = TypeVar("T")
+
+
+class WorkflowRejected(PermanentDispatchError):
+    """POST /prompt answered 400: the graph is invalid on that server.
+
+    ``error`` is the top-level ``error`` dict and ``node_errors`` the per-node dict, both as
+    ComfyUI sent them; the message lists every node error in one readable line each.
+    """
+
+    def __init__(self, message: str, error: Mapping[str, Any], node_errors: Mapping[str, Any]):
+        super().__init__(message)
+        self.error = dict(error)
+        self.node_errors = dict(node_errors)
+
+
+@dataclass(frozen=True, slots=True)
+class JobOutcome:
+    """How a finished prompt ended; ``outputs`` is node id -> output dict as ComfyUI reported."""
+
+    status: Status
+    outputs: dict[str, Any]
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSnapshot:
+    """prompt_ids running and pending (pending in the server's heap order, not run order)."""
+
+    running: tuple[str, ...]
+    pending: tuple[str, ...]
+
+    def __contains__(self, prompt_id: object) -> bool:
+        return prompt_id in self.running or prompt_id in self.pending
+
+
+# --- parsing: pure functions over response bodies --------------------------------------
+
+
+def node_errors_text(node_errors: Mapping[str, Any]) -> list[str]:
+    """``node 1 (EmptyImage): value_smaller_than_min: Value 0 smaller than min of 1 (width)``."""
+    lines = []
+    for node_id, entry in node_errors.items():
+        for err in entry.get("errors", []):
+            details = f" ({err['details']})" if err.get("details") else ""
+            lines.append(f"node {node_id} ({entry.get('class_type', '?')}): "
+                         f"{err.get('type', 'error')}: {err.get('message', '')}{details}")
+    return lines
+
+
+def rejection_text(body: Mapping[str, Any]) -> str:
+    """One readable message for a 400 body: the top-level error, then every node error."""
+    error = body.get("error") or {}
+    if isinstance(error, str):
+        error = {"message": error}
+    head = f"{error.get('type', 'invalid_prompt')}: {error.get('message', '')}".rstrip(": ")
+    if error.get("details"):
+        head += f" ({error['details']})"
+    return "; ".join([head, *node_errors_text(body.get("node_errors") or {})])
+
+
+def execution_error_text(data: Mapping[str, Any]) -> str:
+    """``PIL.UnidentifiedImageError: cannot identify ... (node 1, LoadImage)``."""
+    kind = data.get("exception_type") or "error"
+    message = str(data.get("exception_message", "")).strip()
+    return f"{kind}: {message} (node {data.get('node_id')}, {data.get('node_type')})"
+
+
+def _message_event(message: Any) -> tuple[str, Any]:
+    """Both history shapes: upstream ``[event, data]`` pairs, the fork's ``"event: text"``."""
+    if isinstance(message, list | tuple) and message:
+        return str(message[0]), message[1] if len(message) > 1 else None
+    event, _, text = str(message).partition(": ")
+    return event, text.strip() or None
+
+
+def _outcome_from_messages(status_str: str | None, messages: Sequence[Any]
+                           ) -> tuple[Status, str | None]:
+    for event, data in map(_message_event, messages):
+        if event == "execution_interrupted":
+            where = f" at node {data.get('node_id')}" if isinstance(data, dict) else ""
+            return "interrupted", f"interrupted{where}"
+        if event == "execution_error":
+            text = execution_error_text(data) if isinstance(data, dict) else data
+            return "error", text or "execution error"
+    if status_str in (None, "success"):
+        return "success", None
+    return "error", f"status {status_str}"
+
+
+def parse_history(body: Mapping[str, Any], prompt_id: str) -> JobOutcome | None:
+    """The outcome of ``prompt_id`` in a ``/history/<id>`` body; None while unknown/unfinished."""
+    entry = body.get(prompt_id)
+    if not entry:
+        return None
+    status = entry.get("status") or {}  # written at the end of a run: an entry is finished
+    kind, error = _outcome_from_messages(status.get("status_str"), status.get("messages", []))
+    return JobOutcome(kind, dict(entry.get("outputs") or {}), error)
+
+
+def _queue_item_id(item: Any) -> str:
+    """Upstream items are arrays ``[number, prompt_id, ...]``; the fork's are objects."""
+    return str(item["prompt_id"] if isinstance(item, dict) else item[1])
+
+
+def parse_queue(body: Mapping[str, Any]) -> QueueSnapshot:
+    return QueueSnapshot(tuple(_queue_item_id(i) for i in body.get("queue_running", [])),
+                         tuple(_queue_item_id(i) for i in body.get("queue_pending", [])))
+
+
+# --- HTTP ------------------------------------------------------------------------------
+
+
+def _check_base_url(base_url: str) -> str:
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise BadConfig(f"ComfyUI URL {base_url!r} must look like http://host:port")
+    return base_url.rstrip("/")
+
+
+def _seg(text: str) -> str:
+    """``text`` as one URL path segment."""
+    return quote(text, safe="")
+
+
+def _body(resp: requests.Response) -> Any:
+    try:
+        return orjson.loads(resp.content) if resp.content else None
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _status_error(resp: requests.Response, what: str) -> ComfyDualError:
+    text = resp.text.strip().replace("\n", " ")[:300] or "(empty body)"
+    message = f"{what} -> HTTP {resp.status_code}: {text}"
+    if resp.status_code >= 500:
+        return TransientDispatchError(message)
+    return PermanentDispatchError(message)
+
+
+class ComfyClient:
+    """One ComfyUI server's HTTP API; safe to share between threads (a Session per thread)."""
+
+    def __init__(self, base_url: str, *, connect_timeout: float = 3.05,
+                 read_timeout: float = 30.0) -> None:
+        self.base_url = _check_base_url(base_url)
+        self.timeout = (connect_timeout, read_timeout)
+        self._local = threading.local()
+        # weak: a thread that ends takes its Session with it; close() reaches the rest
+        self._sessions: weakref.WeakSet[requests.Session] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._has_jobs_api: bool | None = None
+
+    def __repr__(self) -> str:
+        return f"ComfyClient({self.base_url!r})"
+
+    def __enter__(self) -> ComfyClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every thread's Session (their pooled connections)."""
+        with self._lock:
+            sessions = list(self._sessions)
+            self._sessions.clear()
+        for session in sessions:
+            session.close()
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            with self._lock:
+                self._sessions.add(session)
+        return session
+
+    def _request(self, method: str, path: str, *, ok: Iterable[int] = (200,),
+                 **kwargs: Any) -> requests.Response:
+        """Send one request; statuses outside ``ok`` become comfy-dual errors."""
+        what = f"{method} {self.base_url}{path}"
+        try:
+            resp = self._session().request(method, self.base_url + path,
+                                           timeout=self.timeout, **kwargs)
+        except requests.RequestException as exc:
+            raise InstanceUnreachable(f"{what}: {type(exc).__name__}: {exc}") from exc
+        if resp.status_code not in ok:
+            raise _status_error(resp, what)
+        return resp
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        resp = self._request(method, path, **kwargs)
+        body = _body(resp)
+        if body is None:
+            raise TransientDispatchError(f"{method} {self.base_url}{path}: expected JSON, got "
+                                         f"{resp.text[:200]!r}")
+        return body
+
+    def system_stats(self) -> dict[str, Any]:
+        """The health check: OS, versions and devices of the server."""
+        return self._json("GET", "/system_stats")
+
+    def object_info(self, class_type: str | None = None) -> dict[str, Any]:
+        """Every node class (or one; ``{}`` when the server does not know it)."""
+        return self._json("GET", "/object_info" + (f"/{_seg(class_type)}" if class_type else ""))
+
+    def submit(self, graph: Mapping[str, Any], *, prompt_id: str, client_id: str,
+               extra_data: Mapping[str, Any] | None = None) -> int:
+        """POST /prompt under a client-chosen prompt_id; returns the queue number."""
+        payload = {"prompt": graph, "prompt_id": prompt_id, "client_id": client_id,
+                   "extra_data": dict(extra_data or {})}
+        try:
+            data = orjson.dumps(payload)
+        except orjson.JSONEncodeError as exc:  # e.g. an int beyond 64 bits
+            raise PermanentDispatchError(f"prompt {prompt_id} cannot be sent as JSON: {exc}"
+                                         ) from exc
+        resp = self._request("POST", "/prompt", ok=(200, 400), data=data,
+                             headers={"Content-Type": "application/json"})
+        body = _body(resp)
+        if resp.status_code == 400:
+            raise _rejection(body, resp, self.base_url)
+        if not isinstance(body, dict) or "number" not in body:
+            raise TransientDispatchError(f"POST {self.base_url}/prompt: unexpected answer "
+                                         f"{resp.text[:200]!r}")
+        self._check_accepted(body, prompt_id)
+        return int(body["number"])
+
+    def _check_accepted(self, body: Mapping[str, Any], prompt_id: str) -> None:
+        if str(body.get("prompt_id")) != prompt_id:
+            with contextlib.suppress(ComfyDualError):
+                self.delete_from_queue([str(body.get("prompt_id"))])
+            raise PermanentDispatchError(
+                f"{self.base_url} ignored the client-chosen prompt_id {prompt_id} (it queued "
+                f"{body.get('prompt_id')}, now deleted): the server is too old for comfy-dual")
+        if body.get("node_errors"):
+            log.warning("prompt accepted with invalid outputs", server=self.base_url,
+                        prompt_id=prompt_id, errors=node_errors_text(body["node_errors"]))
+
+    def _get_parsed(self, path: str, parse: Callable[[Any], T]) -> T:
+        """GET ``path`` and parse the JSON; an unexpected shape is a TransientDispatchError."""
+        body = self._json("GET", path)
+        try:
+            return parse(body)
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+            raise TransientDispatchError(f"GET {self.base_url}{path}: answer in an unknown "
+                                         f"shape ({exc!r}): {str(body)[:200]}") from exc
+
+    def history(self, prompt_id: str) -> JobOutcome | None:
+        """The finished outcome of ``prompt_id``; None while unknown or still unfinished."""
+        return self._get_parsed(f"/history/{_seg(prompt_id)}",
+                                lambda body: parse_history(body, prompt_id))
+
+    def queue(self) -> QueueSnapshot:
+        return self._get_parsed("/queue", parse_queue)
+
+    def delete_from_queue(self, prompt_ids: Iterable[str]) -> None:
+        """Remove pending prompts (running and unknown ids are ignored by the server)."""
+        ids = list(prompt_ids)
+        if ids:
+            self._request("POST", "/queue", json={"delete": ids})
+
+    def interrupt(self, prompt_id: str) -> bool:
+        """Interrupt ``prompt_id`` only if it is the one running; returns whether it did.
+
+        The /queue check protects other jobs on servers that ignore the body's prompt_id.
+        """
+        if prompt_id not in self.queue().running:
+            return False
+        self._request("POST", "/interrupt", json={"prompt_id": prompt_id})
+        return True
+
+    def view(self, filename: str, subfolder: str = "", type: str = "output") -> bytes:
+        """The bytes of an output (or input/temp) file; PermanentDispatchError on 404."""
+        params = {"filename": filename, "subfolder": subfolder, "type": type}
+        return self._request("GET", "/view", params=params).content
+
+    def upload(self, data: bytes, filename: str, subfolder: str = "", type: str = "input",
+               overwrite: bool = True) -> dict[str, Any]:
+        """POST /upload/image; returns ``{"name", "subfolder", "type"}`` as stored."""
+        form = {"subfolder": subfolder, "type": type, "overwrite": str(overwrite).lower()}
+        return self._json("POST", "/upload/image", files={"image": (filename, data)}, data=form)
+
+    def jobs_api(self, prompt_id: str) -> dict[str, Any] | None:
+        """GET /api/jobs/<id> on servers that have it; None when absent or the id is unknown.
+
+        A 404 for one id cannot tell "no such job" from "no such endpoint", so the endpoint
+        is probed once through the job list and the answer is remembered.
+        """
+        if self._has_jobs_api is None:
+            resp = self._request("GET", "/api/jobs", ok=(200, 404), params={"limit": 1})
+            self._has_jobs_api = resp.status_code == 200
+        if not self._has_jobs_api:
+            return None
+        resp = self._request("GET", f"/api/jobs/{_seg(prompt_id)}", ok=(200, 404))
+        return _body(resp) if resp.status_code == 200 else None
+
+
+def _rejection(body: Any, resp: requests.Response, base_url: str) -> ComfyDualError:
+    if not isinstance(body, dict):
+        return _status_error(resp, f"POST {base_url}/prompt")
+    error = body.get("error") or {}
+    return WorkflowRejected(f"{base_url} rejected the workflow: {rejection_text(body)}",
+                            error if isinstance(error, dict) else {"message": error},
+                            body.get("node_errors") or {})
+
+
+# --- websocket -------------------------------------------------------------------------
+
+EventKind = Literal["connected", "disconnected", "started", "progress", "executing",
+                    "success", "error", "interrupted", "finished"]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    """One thing the server said about a prompt (or about the connection itself)."""
+
+    kind: EventKind
+    prompt_id: str | None
+    data: dict[str, Any]
+
+
+_SIMPLE_KINDS: dict[str, EventKind] = {
+    "execution_start": "started",
+    "execution_success": "success",
+    "execution_error": "error",
+    "execution_interrupted": "interrupted",
+}
+
+
+def parse_ws_message(text: str | bytes) -> StreamEvent | None:
+    """A text frame as a StreamEvent; None for messages comfy-dual does not follow."""
+    try:
+        msg = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        msg = None
+    if not isinstance(msg, dict) or not isinstance(msg.get("data") or {}, dict):
+        log.warning("unreadable websocket message", message=str(text)[:200])
+        return None
+    kind, data = msg.get("type"), msg.get("data") or {}
+    prompt_id = data.get("prompt_id")
+    if kind in _SIMPLE_KINDS:
+        return StreamEvent(_SIMPLE_KINDS[kind], prompt_id, data)
+    if kind == "progress":
+        return StreamEvent("progress", prompt_id,
+                           {k: data.get(k) for k in ("node", "value", "max")})
+    if kind == "executing":
+        if data.get("node") is None:
+            return StreamEvent("finished", prompt_id, {})
+        return StreamEvent("executing", prompt_id, {"node": data["node"]})
+    return None
+
+
+def ws_url(base_url: str, client_id: str) -> str:
+    """``http://h:p`` -> ``ws://h:p/ws?clientId=<id>`` (``https`` -> ``wss``)."""
+    base = _check_base_url(base_url)
+    scheme = "wss" if base.startswith("https:") else "ws"
+    return f"{scheme}:{base.split(':', 1)[1]}/ws?clientId={quote(client_id)}"
+
+
+def backoff_delay(attempt: int, max_delay: float, base: float = 0.1) -> float:
+    """Exponential backoff with equal jitter: half fixed, half random."""
+    delay = min(max_delay, base * 2 ** min(attempt, 30))
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+class EventStream:
+    """Follows ``/ws?clientId=...`` on its own daemon thread and reconnects when it drops.
+
+    ``on_event`` runs on that thread; an exception in it is logged and the stream goes on.
+    Messages sent while the stream is down are lost: after ``disconnected``/``connected``
+    the caller should ask ``ComfyClient.history``/``queue`` about the prompts in flight.
+    A connection that is silent for ``idle_timeout`` seconds gets a ping; silent for as
+    long again and it is taken as dead (a half-open TCP connection never reports itself).
+    """
+
+    def __init__(self, base_url: str, client_id: str,
+                 on_event: Callable[[StreamEvent], None], *,
+                 reconnect_max_delay: float = 10.0, connect_timeout: float = 3.05,
+                 idle_timeout: float = 15.0) -> None:
+        self.url = ws_url(base_url, client_id)
+        self._on_event = on_event
+        self._max_delay = reconnect_max_delay
+        self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_timeout
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._ws: websocket.WebSocket | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def connected(self) -> bool:
+        with self._lock:
+            return self._ws is not None and self._ws.connected
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("EventStream already started")
+        self._thread = threading.Thread(target=self._run, name=f"ws {self.url}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Close the connection and end the thread; returns within about a second."""
+        self._stop.set()
+        with self._lock:
+            ws = self._ws
+        if ws is not None:
+            ws.abort()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=1.0)
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            ws = self._connect()
+            if ws is not None:
+                attempt = 0
+                self._emit(StreamEvent("connected", None, {}))
+                reason = self._receive(ws)
+                self._close(ws)
+                self._emit(StreamEvent("disconnected", None, {"reason": reason}))
+            self._stop.wait(backoff_delay(attempt, self._max_delay))
+            attempt += 1
+
+    def _connect(self) -> websocket.WebSocket | None:
+        try:
+            ws = websocket.create_connection(self.url, timeout=self._connect_timeout)
+        except (websocket.WebSocketException, OSError) as exc:
+            log.debug("websocket connect failed", url=self.url, error=str(exc))
+            return None
+        ws.settimeout(self._idle_timeout)
+        with self._lock:
+            self._ws = ws
+        if self._stop.is_set():  # stop() ran before the socket was visible to it
+            self._close(ws)
+            return None
+        return ws
+
+    def _close(self, ws: websocket.WebSocket) -> None:
+        with self._lock:
+            self._ws = None
+        ws.shutdown()
+
+    def _receive(self, ws: websocket.WebSocket) -> str:
+        """Read frames until the connection fails; returns why it ended.
+
+        Control frames are asked for too: a pong is the answer that keeps a quiet link alive.
+        """
+        pinged = False
+        while not self._stop.is_set():
+            try:
+                opcode, payload = ws.recv_data(control_frame=True)
+            except websocket.WebSocketTimeoutException:
+                if pinged:
+                    return f"no answer for {2 * self._idle_timeout:g} s"
+                pinged = True
+                with contextlib.suppress(websocket.WebSocketException, OSError):
+                    ws.ping()  # a dead link shows as the next recv failing or timing out
+                continue
+            except (websocket.WebSocketException, OSError) as exc:
+                return f"{type(exc).__name__}: {exc}"
+            pinged = False
+            if opcode == websocket.ABNF.OPCODE_TEXT:
+                self._handle(payload)
+            elif opcode == websocket.ABNF.OPCODE_CLOSE:
+                return "closed by server"
+        return "stopped"
+
+    def _handle(self, payload: bytes) -> None:
+        event = parse_ws_message(payload)
+        if event is not None:
+            self._emit(event)
+
+    def _emit(self, event: StreamEvent) -> None:
+        if self._stop.is_set():
+            return
+        try:
+            self._on_event(event)
+        except Exception:
+            log.exception("websocket event handler failed", url=self.url, kind=event.kind,
+                          prompt_id=event.prompt_id)
