@@ -14,8 +14,10 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
+# Three example videos on two simulated ComfyUI servers, then the same on one server.
 demo: $(STAMP)
-	$(PY) daemon.py --simulate --demo examples/prompts/*.txt
+	rm -rf var/demo
+	$(PY) daemon.py --simulate --compare-single --state-dir var/demo examples/prompts/*
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

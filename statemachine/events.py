@@ -145,7 +145,7 @@ class JobQueued(Event):
     type: ClassVar[str] = "job_queued"
     job_id: str
     prompt_id: str
-    number: int
+    number: int | None  # None when re-attached after a restart (the server's number unknown)
 
 
 @_register

@@ -9,7 +9,7 @@ per loop turn) with ``Store.commit()``.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -357,3 +357,12 @@ def _restore_job(job: Job, saved: dict[str, Any]) -> None:
     job.state = JobState(saved["state"])
     for key in _JOB_SAVED:
         setattr(job, key, saved[key])
+
+
+def read_records(log: Log) -> Iterator[ev.Recorded]:
+    """The committed events after the snapshot, decoded (for reports and timelines)."""
+    for line_no, line in log.lines():
+        try:
+            yield ev.decode(line)
+        except CorruptLog as exc:
+            raise CorruptLog(f"event log line {line_no}: {exc}") from None

@@ -1,0 +1,252 @@
+"""comfy-dual daemon: renders prompt files on ComfyUI servers, durably.
+
+    python daemon.py prompt_files/a.txt b.txt [--dual-instance | --single-instance]
+    python daemon.py --simulate examples/prompts/*.txt      # on built-in simulated servers
+    python daemon.py --dry-run prompt_files/a.txt           # plan and render, contact nobody
+
+One-shot mode runs the files to the end, prints a summary and exits 0 only if every
+batch succeeded. Run it again after a crash and it resumes from the event log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import queue
+import signal
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+import config
+from instances.agent import InstanceAgent
+from instances.simulator import SimConfig, start_simulator
+from instances.workflow import Workflow, load_workflow
+from service.lock import StateLock
+from service.logs import setup_logging
+from service.loop import Loop, SubmitFile
+from service.summary import figures, render_summary
+from statemachine.errors import BadConfig, ComfyDualError
+from statemachine.log import EventLog
+from statemachine.plan import JobKind
+from statemachine.planner import plan_prompt_file
+from statemachine.store import Policy, Store, read_records
+from statemachine.timeline import build_timeline
+
+log = structlog.get_logger("comfy_dual.daemon")
+
+PROJECT_DIR = Path(__file__).resolve().parent
+OBJECT_INFO = PROJECT_DIR / "instances" / "data" / "object_info.json"
+DEMO_DURATIONS = {"HIGH": 0.35, "LOW": 0.35, "COMBINE": 0.08}
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    batch_ids: tuple[str, ...]
+    all_done: bool
+    makespan: float
+    summary: str
+
+
+def policy_of(settings: config.Settings) -> Policy:
+    return Policy(max_retries=settings.max_retries, retry_delay=settings.retry_delay,
+                  retry_delay_max=settings.retry_delay_max,
+                  combine_gate=settings.combine_gate)
+
+
+def load_workflows(settings: config.Settings) -> dict[JobKind, Workflow]:
+    """The workflow of each job kind; relative paths are taken from the project directory."""
+    out = {}
+    for kind, path in settings.workflows.items():
+        p = Path(path).expanduser()
+        out[JobKind(kind)] = load_workflow(p if p.is_absolute() else PROJECT_DIR / p)
+    return out
+
+
+# --- one-shot runs -----------------------------------------------------------------------
+
+
+class Stop:
+    """Set by SIGINT/SIGTERM; the loop checks it between turns (handlers only set flags)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: self.event.set())
+
+    def __call__(self) -> bool:
+        return self.event.is_set()
+
+
+def run_files(settings: config.Settings, files: Sequence[Path], stop: Stop) -> RunResult:
+    """Render ``files`` to the end (or until ``stop``) and summarise the run."""
+    with StateLock(settings.state_dir / "daemon.lock"):
+        log_ = EventLog(settings.state_dir)
+        if log_.repaired_bytes:
+            log.warning("✂️ cut a torn last line off the event log (a crash mid-write)",
+                        bytes=log_.repaired_bytes)
+        store = Store.open(log_, policy_of(settings))
+        inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        agents = {i.instance_id: InstanceAgent(
+            i, inbox.put, health_interval=settings.health_interval,
+            probe_backoff_max=settings.probe_backoff_max,
+            connect_timeout=settings.connect_timeout, read_timeout=settings.request_timeout)
+            for i in settings.instances}
+        loop = Loop(settings, store, agents, load_workflows(settings), inbox=inbox)
+        for path in files:
+            loop.post(SubmitFile(path))
+        with _running(agents.values()):
+            loop.run_until(lambda: _files_finished(loop, files), stop=stop)
+        batch_ids = tuple(b for b in (loop.submitted.get(f) for f in files) if b)
+        tl = build_timeline(read_records(log_))
+        log_.close()
+    fig = figures(tl, batch_ids, settings.instances)
+    rejected = any(loop.submitted.get(f) is None for f in files)
+    return RunResult(batch_ids, fig.all_done and not rejected and not stop(), fig.makespan,
+                     render_summary(tl, batch_ids, settings.instances))
+
+
+def _files_finished(loop: Loop, files: Sequence[Path]) -> bool:
+    if len(loop.submitted) < len(set(files)):
+        return False
+    return loop.batches_finished([b for b in loop.submitted.values() if b])
+
+
+@contextlib.contextmanager
+def _running(agents: Iterator[InstanceAgent] | Sequence[InstanceAgent]) -> Iterator[None]:
+    started = list(agents)
+    for agent in started:
+        agent.start()
+    try:
+        yield
+    finally:
+        for agent in started:
+            agent.stop()
+
+
+@contextlib.contextmanager
+def simulated(settings: config.Settings, durations: dict[str, float]) -> Iterator[None]:
+    """Simulated ComfyUI servers on the configured (loopback) ports."""
+    for i in settings.instances:
+        if i.host not in ("127.0.0.1", "localhost", "::1"):
+            raise BadConfig(f"--simulate needs loopback hosts; {i.instance_id} is at {i.host}")
+    ports = sorted({i.port for i in settings.instances})
+    sims = [start_simulator(port, SimConfig(durations=durations)) for port in ports]
+    try:
+        yield
+    finally:
+        for sim in sims:
+            sim.stop()
+
+
+# --- dry run -----------------------------------------------------------------------------
+
+
+def dry_run(settings: config.Settings, files: Sequence[Path]) -> int:
+    """Plan every file and render every job's workflow into STATE_DIR/dry-run/; check the
+    workflows against the node list of a stock ComfyUI. Contacts no server."""
+    workflows = load_workflows(settings)
+    object_info = json.loads(OBJECT_INFO.read_text())
+    problems = [p for w in workflows.values() for p in w.check(object_info, server="stock")]
+    for problem in problems:
+        print(f"workflow problem: {problem}", file=sys.stderr)
+    out = settings.state_dir / "dry-run"
+    for n, path in enumerate(files, start=1):
+        plan = plan_prompt_file(path.read_bytes(), path.name, batch_id=f"b{n:04d}",
+                                settings=settings)
+        batch_dir = out / plan.batch_id
+        batch_dir.mkdir(parents=True, exist_ok=True)
+        (batch_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
+        for job in plan.jobs:
+            graph = workflows[job.kind].render(job.params)
+            name = job.job_id.replace("/", "_") + ".json"
+            (batch_dir / name).write_text(json.dumps(graph, indent=2, ensure_ascii=False))
+        print(f"{path}: {plan.batch_id} {plan.name!r}, {len(plan.jobs)} jobs -> {batch_dir}")
+    return 1 if problems else 0
+
+
+# --- command line ------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="daemon.py", description=__doc__.split("\n")[0])
+    parser.add_argument("files", nargs="*", type=Path, metavar="FILE",
+                        help="prompt files to render now (one-shot mode)")
+    config.add_cli_arguments(parser)
+    parser.add_argument("--simulate", action="store_true",
+                        help="start simulated ComfyUI servers on the configured ports first")
+    parser.add_argument("--sim-duration", action="append", default=[], metavar="KIND=SECONDS",
+                        help="simulated job duration (default HIGH=0.35 LOW=0.35 COMBINE=0.08)")
+    parser.add_argument("--compare-single", action="store_true",
+                        help="with --simulate: run the files again on one server and print "
+                             "the speed-up")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="write the plan and every rendered workflow; contact no server")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser.parse_args(argv)
+
+
+def sim_durations(pairs: Sequence[str]) -> dict[str, float]:
+    durations = dict(DEMO_DURATIONS)
+    for pair in pairs:
+        kind, _, seconds = pair.partition("=")
+        try:
+            durations[kind.upper()] = float(seconds)
+        except ValueError:
+            raise BadConfig(f"--sim-duration {pair!r}: expected KIND=SECONDS, "
+                            "e.g. HIGH=0.5") from None
+    return durations
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        settings = config.settings_from_args(args)
+        durations = sim_durations(args.sim_duration)
+    except BadConfig as exc:
+        print(f"comfy-dual: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        setup_logging(None, verbose=args.verbose)
+        return dry_run(settings, args.files)
+    if not args.files:
+        print("comfy-dual: name prompt files to render", file=sys.stderr)
+        return 2
+    setup_logging(settings.state_dir / "logs", verbose=args.verbose)
+    stop = Stop()
+    stop.install()
+    try:
+        return one_shot(args, settings, durations, stop)
+    except ComfyDualError as exc:
+        log.error(f"comfy-dual stopped: {exc}")
+        return 1
+
+
+def one_shot(args: argparse.Namespace, settings: config.Settings,
+             durations: dict[str, float], stop: Stop) -> int:
+    sims = simulated(settings, durations) if args.simulate else contextlib.nullcontext()
+    with sims:
+        result = run_files(settings, args.files, stop)
+    print(result.summary)
+    if args.compare_single and args.simulate and settings.enable_dual_instance and not stop():
+        single = config.load_settings(args.config, {
+            "ENABLE_DUAL_INSTANCE": False,
+            "STATE_DIR": str(settings.state_dir / "single-instance-comparison")})
+        with simulated(single, durations):
+            alone = run_files(single, args.files, stop)
+        print(f"\nSame files on one server: makespan {alone.makespan:.1f} s; with "
+              f"{len(settings.instances)} servers {result.makespan:.1f} s: speed-up "
+              f"{alone.makespan / max(result.makespan, 1e-9):.2f}x")
+    return 0 if result.all_done else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""One ComfyUI server as the daemon sees it: health probing, posting prompts, following
+them over the websocket with ``/history`` polling behind it, and stopping them.
+
+An agent never changes state. It does the network work on its own threads and reports
+what it learned as messages (the dataclasses below) through ``post``; the daemon's loop,
+the single writer, turns them into events.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import structlog
+
+from instances.client import ComfyClient, EventStream, JobOutcome, StreamEvent
+from statemachine.errors import ComfyDualError, InstanceUnreachable
+
+log = structlog.get_logger("comfy_dual.instances")
+
+POLL_INTERVAL = 1.0  # seconds between /history checks of prompts in flight
+HISTORY_RACE_RETRIES = 5  # the history entry can trail the "finished" message briefly
+
+
+class InstanceSettings(Protocol):
+    instance_id: str
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str: ...
+
+
+# --- what agents report to the loop --------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    instance_id: str
+    up: bool
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Posted:
+    instance_id: str
+    job_id: str
+    prompt_id: str
+    number: int
+
+
+@dataclass(frozen=True, slots=True)
+class PostFailed:
+    instance_id: str
+    job_id: str
+    prompt_id: str
+    error: ComfyDualError
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    instance_id: str
+    prompt_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    instance_id: str
+    prompt_id: str
+    node: str
+    value: int
+    max: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    instance_id: str
+    prompt_id: str
+    outcome: JobOutcome
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """Where a prompt stands on its server: finished (``outcome``), still queued, or gone
+    (in neither history nor queue: never arrived, or the server restarted and forgot it)."""
+
+    instance_id: str
+    job_id: str
+    prompt_id: str
+    where: Literal["history", "queue", "gone"]
+    outcome: JobOutcome | None = None
+
+
+class InstanceAgent:
+    """Talks to one server for the loop. ``post`` receives every message."""
+
+    def __init__(self, config: InstanceSettings, post: Callable[[object], None], *,
+                 health_interval: float, probe_backoff_max: float,
+                 connect_timeout: float, read_timeout: float,
+                 poll_interval: float = POLL_INTERVAL) -> None:
+        self.config = config
+        self.instance_id = config.instance_id
+        self._post = post
+        self.client = ComfyClient(config.url, connect_timeout=connect_timeout,
+                                  read_timeout=read_timeout)
+        self.client_id = f"comfy-dual-{uuid.uuid4()}"
+        self.stream = EventStream(config.url, self.client_id, self._on_stream,
+                                  connect_timeout=connect_timeout)
+        self._health_interval = health_interval
+        self._probe_backoff_max = probe_backoff_max
+        self._poll_interval = poll_interval
+        self._http = ThreadPoolExecutor(max_workers=4, thread_name_prefix=config.instance_id)
+        self._lock = threading.Lock()
+        self._following: dict[str, str] = {}  # prompt_id -> job_id, accepted by the server
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._monitor = threading.Thread(target=self._watch, daemon=True,
+                                         name=f"watch {config.instance_id}")
+        self.up: bool | None = None
+
+    # --- life --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.stream.start()
+        self._monitor.start()
+
+    def stop(self) -> None:
+        """Stop threads without touching the server's queue: renders there go on and are
+        re-attached by the next start."""
+        self._stopping.set()
+        self._wake.set()
+        self.stream.stop()
+        self._http.shutdown(wait=False, cancel_futures=True)
+        self._monitor.join(timeout=2)
+        self.client.close()
+
+    # --- orders from the loop ----------------------------------------------------------
+
+    def submit(self, job_id: str, prompt_id: str, graph: Mapping[str, Any],
+               extra_data: Mapping[str, Any]) -> None:
+        self._http.submit(self._submit, job_id, prompt_id, graph, extra_data)
+
+    def check(self, job_id: str, prompt_id: str) -> None:
+        """Find out where ``prompt_id`` stands (after a restart or a reconnection)."""
+        self._http.submit(self._check_and_report, job_id, prompt_id)
+
+    def follow(self, job_id: str, prompt_id: str) -> None:
+        with self._lock:
+            self._following[prompt_id] = job_id
+
+    def forget(self, prompt_id: str) -> None:
+        with self._lock:
+            self._following.pop(prompt_id, None)
+
+    def stop_prompt(self, prompt_id: str) -> None:
+        """Remove it from the queue if it waits there, interrupt it if it runs."""
+        self.forget(prompt_id)
+        self._http.submit(self._stop_prompt, prompt_id)
+
+    # --- work on the HTTP threads ------------------------------------------------------
+
+    def _submit(self, job_id: str, prompt_id: str, graph: Mapping[str, Any],
+                extra_data: Mapping[str, Any]) -> None:
+        try:
+            number = self.client.submit(graph, prompt_id=prompt_id, client_id=self.client_id,
+                                        extra_data=extra_data)
+        except ComfyDualError as exc:
+            self._post(PostFailed(self.instance_id, job_id, prompt_id, exc))
+            if isinstance(exc, InstanceUnreachable):
+                self._wake.set()
+            return
+        self.follow(job_id, prompt_id)
+        self._post(Posted(self.instance_id, job_id, prompt_id, number))
+
+    def _check_and_report(self, job_id: str, prompt_id: str) -> None:
+        try:
+            checked = self._check(job_id, prompt_id)
+        except ComfyDualError as exc:
+            log.warning("cannot check prompt", instance=self.instance_id, job=job_id,
+                        prompt_id=prompt_id, error=str(exc))
+            self._wake.set()
+            return
+        if checked.where == "queue":
+            self.follow(job_id, prompt_id)
+        self._post(checked)
+
+    def _check(self, job_id: str, prompt_id: str) -> Checked:
+        """History, then queue, then history again: a prompt that finishes between the
+        first two looks is found by the third instead of being taken for lost."""
+        for look in ("history", "queue", "history"):
+            if look == "queue":
+                if prompt_id in self.client.queue():
+                    return Checked(self.instance_id, job_id, prompt_id, "queue")
+                continue
+            outcome = self.client.history(prompt_id)
+            if outcome is not None:
+                return Checked(self.instance_id, job_id, prompt_id, "history", outcome)
+        return Checked(self.instance_id, job_id, prompt_id, "gone")
+
+    def _finish_from_history(self, prompt_id: str) -> None:
+        """After the stream said "finished": read the outcome (it may trail a moment)."""
+        for attempt in range(HISTORY_RACE_RETRIES):
+            try:
+                outcome = self.client.history(prompt_id)
+            except ComfyDualError:
+                return  # the poller will try again
+            if outcome is not None:
+                self._report_finished(prompt_id, outcome)
+                return
+            time.sleep(0.05 * (attempt + 1))
+
+    def _report_finished(self, prompt_id: str, outcome: JobOutcome) -> None:
+        with self._lock:
+            if self._following.pop(prompt_id, None) is None:
+                return  # already reported (stream and poller both saw it)
+        self._post(Finished(self.instance_id, prompt_id, outcome))
+
+    def _stop_prompt(self, prompt_id: str) -> None:
+        try:
+            queue = self.client.queue()
+            if prompt_id in queue.pending:
+                self.client.delete_from_queue([prompt_id])
+            elif prompt_id in queue.running:
+                self.client.interrupt(prompt_id)
+        except ComfyDualError as exc:
+            log.warning("could not stop prompt", instance=self.instance_id,
+                        prompt_id=prompt_id, error=str(exc))
+
+    # --- the stream --------------------------------------------------------------------
+
+    def _on_stream(self, event: StreamEvent) -> None:
+        with self._lock:
+            ours = event.prompt_id in self._following
+        if not ours:
+            return
+        if event.kind == "started":
+            self._post(Started(self.instance_id, event.prompt_id))
+        elif event.kind == "progress":
+            d = event.data
+            self._post(Progress(self.instance_id, event.prompt_id, str(d.get("node")),
+                                int(d.get("value") or 0), int(d.get("max") or 0)))
+        elif event.kind == "finished":
+            self._http.submit(self._finish_from_history, event.prompt_id)
+
+    # --- health and polling ------------------------------------------------------------
+
+    def _watch(self) -> None:
+        failures = 0
+        next_probe = 0.0
+        while not self._stopping.is_set():
+            if time.monotonic() >= next_probe or self._wake.is_set():
+                self._wake.clear()
+                failures = 0 if self._probe() else failures + 1
+                delay = (self._health_interval if failures == 0
+                         else min(self._probe_backoff_max, 2 ** (failures - 1)))
+                next_probe = time.monotonic() + delay
+            if self.up:
+                self._poll()
+            self._wake.wait(min(self._poll_interval, max(0.0, next_probe - time.monotonic())))
+
+    def _probe(self) -> bool:
+        try:
+            stats = self.client.system_stats()
+        except ComfyDualError as exc:
+            self._set_health(False, str(exc))
+            return False
+        version = stats.get("system", {}).get("comfyui_version", "unknown version")
+        self._set_health(True, f"ComfyUI {version}")
+        return True
+
+    def _set_health(self, up: bool, detail: str) -> None:
+        if up != self.up:
+            self.up = up
+            self._post(Health(self.instance_id, up, detail))
+
+    def _poll(self) -> None:
+        with self._lock:
+            following = list(self._following.items())
+        for prompt_id, job_id in following:
+            try:
+                checked = self._check(job_id, prompt_id)
+            except ComfyDualError:
+                self._wake.set()
+                return
+            if checked.where == "history":
+                self._report_finished(prompt_id, checked.outcome)
+            elif checked.where == "gone":
+                self.forget(prompt_id)
+                self._post(checked)

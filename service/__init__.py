@@ -1,0 +1,1 @@
+"""The daemon's parts: the single-writer loop, logging, the run summary."""

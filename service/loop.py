@@ -1,0 +1,361 @@
+"""The single writer: one thread owns the store and the event log.
+
+Agents, timers and the spool only ``post`` messages. Each turn of the loop takes the
+waiting messages, records what they mean, runs the scheduler, records dispatch intents,
+commits once (one fsync), and only then lets the network calls go: a dispatch intent is
+durable before its ``POST /prompt`` is sent.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from instances.agent import Checked, Finished, Health, Posted, PostFailed, Progress, Started
+from instances.client import JobOutcome
+from instances.workflow import Workflow
+from statemachine import events as ev
+from statemachine.errors import (
+    BadInput,
+    ComfyDualError,
+    InstanceUnreachable,
+    PermanentDispatchError,
+)
+from statemachine.job import BATCH_FINAL, Job, JobState
+from statemachine.plan import JobKind
+from statemachine.planner import plan_prompt_file
+from statemachine.rules import failure_event
+from statemachine.scheduler import schedule
+from statemachine.store import Store
+
+log = structlog.get_logger("comfy_dual.loop")
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitFile:
+    """A prompt file to plan and record as a batch (one-shot mode, or the spool)."""
+
+    path: Path
+
+
+class Agent(Protocol):
+    """What the loop needs of an instance agent (``instances.agent.InstanceAgent``)."""
+
+    instance_id: str
+
+    def submit(self, job_id: str, prompt_id: str, graph: Mapping[str, Any],
+               extra_data: Mapping[str, Any]) -> None: ...
+    def check(self, job_id: str, prompt_id: str) -> None: ...
+    def follow(self, job_id: str, prompt_id: str) -> None: ...
+    def stop_prompt(self, prompt_id: str) -> None: ...
+
+
+class Loop:
+    """Turns messages into events and ready jobs into dispatches, one turn at a time."""
+
+    def __init__(self, settings: Any, store: Store, agents: Mapping[str, Agent],
+                 workflows: Mapping[JobKind, Workflow], *,
+                 inbox: queue.SimpleQueue[object] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.store = store
+        self.agents = agents
+        self.workflows = workflows
+        self.clock = clock
+        self.inbox: queue.SimpleQueue[object] = inbox or queue.SimpleQueue()
+        self.progress: dict[str, tuple[str, int, int]] = {}
+        self.down_since: dict[str, float] = {}
+        self.reported: set[str] = set()  # instances heard from since start
+        self.fallback_kinds: frozenset[str] = frozenset()
+        self.submitted: dict[Path, str | None] = {}  # file -> batch id (None: rejected)
+        self._effects: list[Callable[[], None]] = []
+        self._handlers: dict[type, Callable[[Any, float], None]] = {
+            Health: self._on_health, Posted: self._on_posted, PostFailed: self._on_post_failed,
+            Started: self._on_started, Progress: self._on_progress,
+            Finished: self._on_finished, Checked: self._on_checked, SubmitFile: self._on_file,
+        }
+        self._forget_instances_gone_from_config()
+        store.listeners.append(self._narrate)
+
+    def post(self, message: object) -> None:
+        self.inbox.put(message)
+
+    # --- one turn --------------------------------------------------------------------
+
+    def run_once(self, timeout: float = 0.2) -> None:
+        """Handle waiting messages (waiting up to ``timeout`` for the first), dispatch,
+        commit once, then start the network calls this turn decided."""
+        messages = self._take(timeout)
+        now = self.clock()
+        for message in messages:
+            self._handlers[type(message)](message, now)
+        self._expire_lost_instances(now)
+        self._dispatch(now)
+        self.store.commit()
+        effects, self._effects = self._effects, []
+        for effect in effects:
+            effect()
+
+    def _take(self, timeout: float) -> list[object]:
+        try:
+            messages = [self.inbox.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                messages.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return messages
+
+    @property
+    def started(self) -> bool:
+        """Every instance has answered (or failed) its first probe: dispatch may begin."""
+        return self.reported >= set(self.agents)
+
+    # --- intake ----------------------------------------------------------------------
+
+    def _on_file(self, message: SubmitFile, now: float) -> None:
+        try:
+            data = message.path.read_bytes()
+        except OSError as exc:
+            log.error("❌ cannot read prompt file", file=str(message.path), error=str(exc))
+            self.submitted[message.path] = None
+            return
+        self.submitted[message.path] = self.accept(data, message.path.name, now)
+
+    def accept(self, data: bytes, name: str, now: float) -> str | None:
+        """Plan a prompt file and record its batch; a file identical to a batch that is
+        still unfinished resumes that batch. Returns the batch id, None if rejected."""
+        batch_id = f"b{len(self.store.batches) + 1:04d}"
+        try:
+            plan = plan_prompt_file(data, name, batch_id=batch_id, settings=self.settings)
+        except BadInput as exc:
+            log.error("❌ prompt file rejected", file=name, reason=str(exc))
+            return None
+        earlier = self.store.batches.get(self.store.by_sha256.get(plan.sha256, ""))
+        if earlier is not None and earlier.state not in BATCH_FINAL:
+            log.info("↩️ resuming batch", batch=earlier.batch_id, file=name)
+            return earlier.batch_id
+        self.store.record(ev.BatchAccepted(plan), now)
+        log.info("📥 batch accepted", batch=batch_id, video=plan.name, file=name,
+                 chunks=len(plan.jobs) // 3, frames=plan.total_frames)
+        return batch_id
+
+    # --- dispatch --------------------------------------------------------------------
+
+    def _dispatch(self, now: float) -> None:
+        if not self.started or not self.store.ready:
+            return
+        s = self.settings
+        picks = schedule(self.store.ready.values(), self.store.instance_views(s.instances),
+                         now=now, fallback=s.fallback,
+                         combine_concurrency=s.combine_concurrency,
+                         combines_in_flight=self.store.combines_in_flight())
+        for pick in picks:
+            self._send(self.store.jobs[pick.job_id], pick.instance_id, now)
+
+    def _send(self, job: Job, instance_id: str, now: float) -> None:
+        prompt_id = str(uuid.uuid4())
+        self.store.record(ev.JobDispatchIntent(job.job_id, instance_id, prompt_id), now)
+        self._post_prompt(job, now)
+
+    def _post_prompt(self, job: Job, now: float) -> None:
+        """Render the job's workflow and post it once this turn is committed; a job whose
+        workflow cannot be rendered fails for good (no attempt could do better)."""
+        try:
+            graph = self.workflows[job.kind].render(job.spec.params)
+        except ComfyDualError as exc:
+            self._fail(job, f"workflow cannot be rendered: {exc}", now, permanent=True)
+            return
+        self._effects.append(partial(self.agents[job.instance_id].submit, job.job_id,
+                                     job.prompt_id, graph, self._extra_data(job)))
+
+    @staticmethod
+    def _extra_data(job: Job) -> dict[str, Any]:
+        """Stored by ComfyUI with the prompt: lets a person (and the simulator) see which
+        job a queue entry is."""
+        return {"comfy_dual": {"job_id": job.job_id, "kind": job.kind.value,
+                               "model": job.kind.value}}
+
+    # --- what the servers said -------------------------------------------------------
+
+    def _flying(self, prompt_id: str) -> Job | None:
+        return next((j for j in self.store.in_flight.values() if j.prompt_id == prompt_id),
+                    None)
+
+    def _on_posted(self, m: Posted, now: float) -> None:
+        job = self._flying(m.prompt_id)
+        if job is not None and job.state is JobState.DISPATCHING:
+            self.store.record(ev.JobQueued(job.job_id, m.prompt_id, m.number), now)
+
+    def _on_post_failed(self, m: PostFailed, now: float) -> None:
+        job = self._flying(m.prompt_id)
+        if job is None:
+            return
+        if isinstance(m.error, InstanceUnreachable):
+            # The POST may or may not have arrived: ask again once the server is back.
+            log.warning("⚠️ could not reach instance to post", job=job.job_id,
+                        instance=m.instance_id, error=str(m.error))
+            self._set_health(m.instance_id, False, str(m.error), now)
+            return
+        self._fail(job, str(m.error), now, permanent=isinstance(m.error, PermanentDispatchError))
+
+    def _on_started(self, m: Started, now: float) -> None:
+        job = self._flying(m.prompt_id)
+        if job is not None and job.state in (JobState.DISPATCHING, JobState.QUEUED):
+            self.store.record(ev.JobStarted(job.job_id, m.prompt_id), now)
+
+    def _on_progress(self, m: Progress, now: float) -> None:
+        job = self._flying(m.prompt_id)
+        if job is not None:
+            self.progress[job.job_id] = (m.node, m.value, m.max)
+
+    def _on_finished(self, m: Finished, now: float) -> None:
+        job = self._flying(m.prompt_id)
+        if job is not None:
+            self._outcome(job, m.outcome, now)
+
+    def _outcome(self, job: Job, outcome: JobOutcome, now: float) -> None:
+        self.progress.pop(job.job_id, None)
+        if outcome.status == "success":
+            self.store.record(ev.JobSucceeded(job.job_id, job.prompt_id, outcome.outputs), now)
+        else:
+            self._fail(job, outcome.error or f"ended {outcome.status} on the server", now,
+                       permanent=False)
+
+    def _fail(self, job: Job, error: str, now: float, *, permanent: bool) -> None:
+        self.progress.pop(job.job_id, None)
+        self.store.record(failure_event(job, error, permanent=permanent, now=now,
+                                        policy=self.store.policy), now)
+
+    def _on_checked(self, m: Checked, now: float) -> None:
+        job = self._flying(m.prompt_id)
+        if job is None:
+            return
+        if m.where == "history":
+            self._outcome(job, m.outcome, now)
+        elif m.where == "queue":
+            if job.state is JobState.DISPATCHING:
+                self.store.record(ev.JobQueued(job.job_id, m.prompt_id, None), now)
+            log.info("🔗 re-attached to job", job=job.job_id, instance=m.instance_id)
+        elif job.state is JobState.DISPATCHING:
+            log.info("📤 posting again under the same prompt_id (it never arrived)",
+                     job=job.job_id, instance=m.instance_id, prompt_id=m.prompt_id)
+            self._post_prompt(job, now)
+        else:
+            self.store.record(ev.JobLost(job.job_id, m.prompt_id,
+                                         "the server no longer knows it (restarted?)"), now)
+            log.warning("♻️ instance forgot a job it had accepted; it will run again",
+                        job=job.job_id, instance=m.instance_id)
+
+    # --- instance health ---------------------------------------------------------------
+
+    def _on_health(self, m: Health, now: float) -> None:
+        self.reported.add(m.instance_id)
+        self._set_health(m.instance_id, m.up, m.detail, now)
+        if m.up:
+            for job in list(self.store.in_flight.values()):
+                if job.instance_id == m.instance_id:
+                    self._effects.append(partial(self.agents[m.instance_id].check,
+                                                 job.job_id, job.prompt_id))
+
+    def _set_health(self, instance_id: str, up: bool, detail: str, now: float) -> None:
+        if self.store.instance_up.get(instance_id) == up:
+            return
+        config = next(i for i in self.settings.instances if i.instance_id == instance_id)
+        if up:
+            self.down_since.pop(instance_id, None)
+            self.store.record(ev.InstanceUp(instance_id), now)
+            log.info(f"✅ Connected to instance {instance_id} at {config.host}:{config.port}",
+                     detail=detail)
+        else:
+            self.down_since[instance_id] = now
+            self.store.record(ev.InstanceDown(instance_id, detail), now)
+            log.warning(f"❌ Instance {instance_id} at {config.host}:{config.port} is down",
+                        detail=detail)
+        self._log_fallback()
+
+    def _log_fallback(self) -> None:
+        """Fallback runs a type on another instance while all of its own are DOWN."""
+        if not self.settings.fallback:
+            return
+        views = self.store.instance_views(self.settings.instances)
+        up = [v for v in views if v.up]
+        kinds = frozenset(k.value for k in JobKind
+                          if up and not any(k.value in v.job_types for v in up))
+        for kind in sorted(kinds - self.fallback_kinds):
+            log.warning(f"🔀 Fallback on: {kind} jobs go to any instance that is up",
+                        instances=[v.instance_id for v in up])
+        for kind in sorted(self.fallback_kinds - kinds):
+            log.info(f"🔀 Fallback off: {kind} jobs are back on their own instance")
+        self.fallback_kinds = kinds
+
+    def _expire_lost_instances(self, now: float) -> None:
+        """Jobs on an instance DOWN for INSTANCE_LOST_TIMEOUT go back to ready."""
+        for instance_id, since in list(self.down_since.items()):
+            if now - since < self.settings.instance_lost_timeout:
+                continue
+            for job in [j for j in self.store.in_flight.values()
+                        if j.instance_id == instance_id]:
+                self.store.record(ev.JobLost(job.job_id, job.prompt_id,
+                                             f"{instance_id} unreachable"), now)
+                log.warning("⏱️ moving job off an unreachable instance; if that instance "
+                            "comes back with the job queued, it may render it a second time",
+                            job=job.job_id, instance=instance_id)
+            del self.down_since[instance_id]
+
+    def _forget_instances_gone_from_config(self) -> None:
+        """Jobs in flight on an instance no longer configured can only be run again."""
+        now = self.clock()
+        for job in list(self.store.in_flight.values()):
+            if job.instance_id not in self.agents:
+                self.store.record(ev.JobLost(job.job_id, job.prompt_id,
+                                             f"{job.instance_id} is no longer configured"),
+                                  now)
+        self.store.commit()
+
+    # --- telling people what happens -------------------------------------------------
+
+    def _narrate(self, rec: ev.Recorded, subject: Any) -> None:
+        e = rec.event
+        if isinstance(e, ev.JobDispatchIntent):
+            job = self.store.jobs[e.job_id]
+            log.info(f"🔄 Executing {job.kind.value} job {job.spec.chunk} on instance "
+                     f"{e.instance_id}", job=e.job_id, video=job.batch.plan.name)
+        elif isinstance(e, ev.JobSucceeded):
+            log.info("✔️ job done", job=e.job_id, instance=subject.instance_id)
+        elif isinstance(e, ev.JobAttemptFailed):
+            log.warning("🔁 job failed, will retry", job=e.job_id, error=e.error,
+                        retry_in_s=round(e.eligible_at - rec.ts, 1))
+        elif isinstance(e, ev.JobFailed):
+            log.error("❌ job failed", job=e.job_id, error=e.error)
+        elif isinstance(e, ev.JobCancelled) and subject.prompt_id is not None:
+            agent = self.agents.get(subject.instance_id)
+            if agent is not None:  # it was in flight: stop it on its server
+                self._effects.append(partial(agent.stop_prompt, subject.prompt_id))
+        elif isinstance(e, ev.BatchGateOpened):
+            log.info("🚪 COMBINE gate open", batch=e.batch_id)
+        elif isinstance(e, (ev.BatchDone, ev.BatchFailed, ev.BatchCancelled)):
+            if isinstance(e, ev.BatchDone):
+                log.info("🏁 batch done", batch=e.batch_id, video=subject.plan.name)
+            else:
+                log.error(f"🏁 batch {subject.state.value}", batch=e.batch_id,
+                          video=subject.plan.name, reason=subject.reason)
+
+    # --- running ---------------------------------------------------------------------
+
+    def run_until(self, done: Callable[[], bool], *, stop: Callable[[], bool] = lambda: False
+                  ) -> None:
+        while not done() and not stop():
+            self.run_once()
+
+    def batches_finished(self, batch_ids: Sequence[str]) -> bool:
+        return all(self.store.batches[b].state in BATCH_FINAL for b in batch_ids)

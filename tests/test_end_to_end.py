@@ -1,0 +1,176 @@
+"""Prompt files rendered end to end: the daemon's loop and agents over real sockets against
+simulated ComfyUI servers, judged by the simulators' own execution records."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import config
+import daemon
+from instances.simulator import SimConfig, start_simulator
+from statemachine.log import EventLog
+from statemachine.store import read_records
+from statemachine.timeline import build_timeline
+
+DURATIONS = {"HIGH": 0.12, "LOW": 0.12, "COMBINE": 0.03}
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def prompt_file(directory: Path, name: str, frames: int, extra: str = "") -> Path:
+    path = directory / f"{name}.txt"
+    path.write_text(f"{name}\n\n{frames}\n\nA test video of {name}{extra}.\n\nblurry\n")
+    return path
+
+
+def settings_for(state: Path, high: int, low: int, **overrides) -> config.Settings:
+    return config.load_settings(None, {
+        "COMFYUI_INSTANCES": [
+            {"instance_id": "high_priority", "host": "127.0.0.1", "port": high,
+             "job_types": ["HIGH"], "max_concurrent": 2},
+            {"instance_id": "low_priority", "host": "127.0.0.1", "port": low,
+             "job_types": ["LOW"], "max_concurrent": 2}],
+        "STATE_DIR": str(state), "RETRY_DELAY": 0.05, "RETRY_DELAY_MAX": 1,
+        "HEALTH_INTERVAL": 0.2, "PROBE_BACKOFF_MAX": 0.5, "CONNECT_TIMEOUT": 0.5,
+        "REQUEST_TIMEOUT": 5, "FRAMES_PER_CHUNK": 101, **overrides})
+
+
+@pytest.fixture
+def sims():
+    high = start_simulator(0, SimConfig(durations=DURATIONS))
+    low = start_simulator(0, SimConfig(durations=DURATIONS))
+    yield high, low
+    high.stop()
+    low.stop()
+
+
+def run(settings, files) -> daemon.RunResult:
+    return daemon.run_files(settings, files, daemon.Stop())
+
+
+def runs_by_job(*sims) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for sim in sims:
+        for r in sim.executions():
+            out.setdefault(r["job_id"], []).append({**r, "port": sim.port})
+    return out
+
+
+def test_three_videos_interleave_on_two_servers_in_dependency_order(tmp_path, sims):
+    high, low = sims
+    files = [prompt_file(tmp_path, n, f) for n, f in (("a", 303), ("b", 202), ("c", 250))]
+    result = run(settings_for(tmp_path / "state", high.port, low.port), files)
+    assert result.all_done, result.summary
+    runs = runs_by_job(high, low)
+    assert all(len(r) == 1 and r[0]["status"] == "success" for r in runs.values())
+    for sim in (high, low):
+        assert set(sim.counts().values()) == {1}, "a prompt_id ran twice"
+    one = {job: r[0] for job, r in runs.items()}
+    assert {r["kind"] for r in high.executions()} <= {"HIGH", "COMBINE"}
+    assert {r["kind"] for r in low.executions()} <= {"LOW", "COMBINE"}
+    for job, r in one.items():
+        batch, step = job.split("/")
+        kind, k = step[0], int(step[1:])
+        if kind == "L":
+            assert r["start"] >= one[f"{batch}/H{k}"]["end"]
+        if kind == "H" and k > 1:
+            assert r["start"] >= one[f"{batch}/L{k - 1}"]["end"]
+        if kind == "C":
+            renders = [v["end"] for j, v in one.items()
+                       if j.split("/")[0] == batch and v["kind"] != "COMBINE"]
+            assert r["start"] >= max(renders), "COMBINE before its gate"
+    combines = sorted((r["start"], r["end"]) for r in one.values() if r["kind"] == "COMBINE")
+    assert all(b[0] >= a[1] for a, b in itertools.pairwise(combines)), "two COMBINE at once"
+    overlap = any(h["start"] < lo["end"] and lo["start"] < h["end"]
+                  for h in high.executions() if h["kind"] == "HIGH"
+                  for lo in low.executions() if lo["kind"] == "LOW")
+    assert overlap, "the two servers never worked at the same time"
+    assert "every batch done" in result.summary
+
+
+def test_single_instance_mode_runs_everything_on_one_server(tmp_path, sims):
+    high, low = sims
+    settings = settings_for(tmp_path / "state", high.port, low.port, ENABLE_DUAL_INSTANCE=False,
+                            SINGLE_INSTANCE_CONFIG={"port": high.port})
+    result = run(settings, [prompt_file(tmp_path, "solo", 202)])
+    assert result.all_done
+    assert Counter(r["kind"] for r in high.executions()) == {"HIGH": 2, "LOW": 2, "COMBINE": 2}
+    assert low.executions() == []
+
+
+def test_a_server_down_from_the_start_falls_back_to_the_other(tmp_path, sims):
+    high, low = sims
+    low.stop()
+    files = [prompt_file(tmp_path, "x", 202), prompt_file(tmp_path, "y", 101)]
+    result = run(settings_for(tmp_path / "state", high.port, low.port), files)
+    assert result.all_done
+    assert Counter(r["kind"] for r in high.executions()) == {"HIGH": 3, "LOW": 3, "COMBINE": 3}
+
+
+def test_a_server_killed_mid_job_and_restarted_reruns_the_job(tmp_path, sims):
+    high, low = sims
+    killed: list[str] = []
+
+    def kill_first_low_job():
+        while not any(r["kind"] == "LOW" for r in low.executions()):
+            threading.Event().wait(0.01)
+        killed.append(low.executions()[0]["job_id"])
+        low.kill()
+        threading.Event().wait(0.3)
+        low.start()
+
+    killer = threading.Thread(target=kill_first_low_job)
+    killer.start()
+    result = run(settings_for(tmp_path / "state", high.port, low.port),
+                 [prompt_file(tmp_path, "k", 202)])
+    killer.join()
+    assert result.all_done
+    statuses = [r["status"] for r in runs_by_job(high, low)[killed[0]]]
+    assert statuses[0] == "lost" and statuses[-1] == "success"
+
+
+def test_an_invalid_workflow_fails_its_batch_and_the_others_go_on(tmp_path, sims):
+    high, low = sims
+    flows = tmp_path / "flows"
+    shutil.copytree(PROJECT / "workflows" / "demo", flows)
+    bindings = flows / "low.bindings.toml"  # EmptyImage.batch_size allows at most 4096
+    text = bindings.read_text().replace("[bind]\n", '[bind]\nframes = "1.inputs.batch_size"\n')
+    bindings.write_text(text)
+    huge = tmp_path / "huge.toml"
+    huge.write_text('name = "huge"\nframes = 5000\nframes_per_chunk = 5000\npositive = "p"\n')
+    settings = settings_for(tmp_path / "state", high.port, low.port, WORKFLOWS={
+        k: str(flows / f"{k.lower()}.json") for k in ("HIGH", "LOW", "COMBINE")})
+    result = run(settings, [huge, prompt_file(tmp_path, "fine", 101)])
+    assert not result.all_done
+    assert "huge" in result.summary and "failed" in result.summary
+    states = {b.batch_id: b.state for b in _spans(tmp_path / "state")}
+    assert sorted(states.values()) == ["done", "failed"]
+    lines = (tmp_path / "state/events.jsonl").read_text().splitlines()
+    failed = [json.loads(line) for line in lines if '"job_failed"' in line]
+    assert len(failed) == 1 and "batch_size" in failed[0]["error"]
+    assert "value_bigger_than_max" in failed[0]["error"]
+
+
+def test_execution_errors_are_retried_with_backoff_then_fail(tmp_path, sims):
+    high, low = sims
+    low.set_faults(fail_rate=1.0)
+    settings = settings_for(tmp_path / "state", high.port, low.port, MAX_RETRIES=2)
+    result = run(settings, [prompt_file(tmp_path, "doomed", 101)])
+    assert not result.all_done
+    lows = [r for r in low.executions() if r["job_id"].endswith("/L1")]
+    assert [r["status"] for r in lows] == ["error"] * 3
+    records = list(read_records(EventLog(tmp_path / "state")))
+    delays = [round(r.event.eligible_at - r.ts, 3) for r in records
+              if r.event.type == "job_attempt_failed"]
+    assert delays == [0.05, 0.1]
+    assert [r.event.type for r in records][-1] == "batch_failed"
+
+
+def _spans(state: Path):
+    return build_timeline(read_records(EventLog(state))).batches.values()
