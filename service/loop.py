@@ -22,6 +22,7 @@ import structlog
 from instances.agent import Checked, Finished, Health, Posted, PostFailed, Progress, Started
 from instances.client import JobOutcome
 from instances.workflow import Workflow
+from service.status import BusyMeter, status_view, write_status_file
 from statemachine import events as ev
 from statemachine.errors import (
     BadInput,
@@ -29,14 +30,18 @@ from statemachine.errors import (
     InstanceUnreachable,
     PermanentDispatchError,
 )
-from statemachine.job import BATCH_FINAL, Job, JobState
+from statemachine.job import BATCH_FINAL, BatchState, Job, JobState
 from statemachine.plan import JobKind
 from statemachine.planner import plan_prompt_file
-from statemachine.rules import failure_event
+from statemachine.rules import cancel_batch, failure_event, retry_batch
 from statemachine.scheduler import schedule
 from statemachine.store import Store
 
 log = structlog.get_logger("comfy_dual.loop")
+
+STATUS_EVERY = 0.5  # seconds between status.json rewrites
+JOB_ENDINGS = (ev.JobSucceeded, ev.JobAttemptFailed, ev.JobFailed, ev.JobLost,
+               ev.JobCancelled)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +69,7 @@ class Loop:
     def __init__(self, settings: Any, store: Store, agents: Mapping[str, Agent],
                  workflows: Mapping[JobKind, Workflow], *,
                  inbox: queue.SimpleQueue[object] | None = None,
+                 status_path: Path | None = None, daemon_info: Mapping[str, Any] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.store = store
@@ -82,8 +88,13 @@ class Loop:
             Started: self._on_started, Progress: self._on_progress,
             Finished: self._on_finished, Checked: self._on_checked, SubmitFile: self._on_file,
         }
+        self.busy = BusyMeter(clock())
+        self.status_path = status_path
+        self.daemon_info = daemon_info
+        self._status_written = float("-inf")
         self._forget_instances_gone_from_config()
         store.listeners.append(self._narrate)
+        store.listeners.append(self._meter)
 
     def post(self, message: object) -> None:
         self.inbox.put(message)
@@ -103,6 +114,17 @@ class Loop:
         effects, self._effects = self._effects, []
         for effect in effects:
             effect()
+        self.write_status(now)
+
+    def write_status(self, now: float, *, force: bool = False) -> None:
+        """Rewrite ``status.json`` (at most every STATUS_EVERY seconds unless forced)."""
+        if self.status_path is None or (not force and now - self._status_written
+                                        < STATUS_EVERY):
+            return
+        self._status_written = now
+        write_status_file(self.status_path, status_view(
+            self.store, self.settings.instances, now=now, progress=self.progress,
+            busy=self.busy.shares(now), daemon=self.daemon_info))
 
     def _take(self, timeout: float) -> list[object]:
         try:
@@ -124,30 +146,46 @@ class Loop:
 
     def _on_file(self, message: SubmitFile, now: float) -> None:
         try:
-            data = message.path.read_bytes()
-        except OSError as exc:
-            log.error("❌ cannot read prompt file", file=str(message.path), error=str(exc))
-            self.submitted[message.path] = None
-            return
-        self.submitted[message.path] = self.accept(data, message.path.name, now)
+            batch_id = self.accept(message.path.read_bytes(), message.path.name, now)
+        except (OSError, BadInput) as exc:
+            log.error("❌ prompt file refused", file=str(message.path), reason=str(exc))
+            batch_id = None
+        self.submitted[message.path] = batch_id
 
-    def accept(self, data: bytes, name: str, now: float) -> str | None:
+    def accept(self, data: bytes, name: str, now: float) -> str:
         """Plan a prompt file and record its batch; a file identical to a batch that is
-        still unfinished resumes that batch. Returns the batch id, None if rejected."""
-        batch_id = f"b{len(self.store.batches) + 1:04d}"
-        try:
-            plan = plan_prompt_file(data, name, batch_id=batch_id, settings=self.settings)
-        except BadInput as exc:
-            log.error("❌ prompt file rejected", file=name, reason=str(exc))
-            return None
+        still unfinished resumes that batch. Returns the batch id; BadInput says why not."""
+        plan = plan_prompt_file(data, name, batch_id=f"b{len(self.store.batches) + 1:04d}",
+                                settings=self.settings)
         earlier = self.store.batches.get(self.store.by_sha256.get(plan.sha256, ""))
         if earlier is not None and earlier.state not in BATCH_FINAL:
             log.info("↩️ resuming batch", batch=earlier.batch_id, file=name)
             return earlier.batch_id
         self.store.record(ev.BatchAccepted(plan), now)
-        log.info("📥 batch accepted", batch=batch_id, video=plan.name, file=name,
+        log.info("📥 batch accepted", batch=plan.batch_id, video=plan.name, file=name,
                  chunks=len(plan.jobs) // 3, frames=plan.total_frames)
-        return batch_id
+        return plan.batch_id
+
+    # --- commands from submit.py -----------------------------------------------------
+
+    def run_command(self, command: str, batch_id: str, now: float) -> tuple[bool, str]:
+        """``cancel``: stop and cancel every unfinished job; ``retry``: failed and
+        cancelled jobs wait again with fresh attempts. Returns (ok, message)."""
+        batch = self.store.batches.get(batch_id)
+        if batch is None:
+            return False, f"no batch {batch_id!r}"
+        if command == "cancel":
+            if batch.state in BATCH_FINAL:
+                return False, f"{batch_id} already ended ({batch.state.value})"
+            events = cancel_batch(batch, "cancelled by a user")
+        elif batch.state in (BatchState.FAILED, BatchState.CANCELLED):
+            events = retry_batch(batch)
+        else:
+            return False, f"{batch_id} is {batch.state.value}: only failed or cancelled " \
+                          "batches can be retried"
+        for event in events:
+            self.store.record(event, now)
+        return True, f"{batch_id} {'cancelled' if command == 'cancel' else 'retried'}"
 
     # --- dispatch --------------------------------------------------------------------
 
@@ -323,6 +361,13 @@ class Loop:
         self.store.commit()
 
     # --- telling people what happens -------------------------------------------------
+
+    def _meter(self, rec: ev.Recorded, subject: Any) -> None:
+        e = rec.event
+        if isinstance(e, ev.JobStarted):
+            self.busy.job_started(e.job_id, subject.instance_id, rec.ts)
+        elif isinstance(e, JOB_ENDINGS):
+            self.busy.job_ended(e.job_id, rec.ts)
 
     def _narrate(self, rec: ev.Recorded, subject: Any) -> None:
         e = rec.event
