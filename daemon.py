@@ -86,8 +86,10 @@ class Stop:
         return self.event.is_set()
 
 
-def run_files(settings: config.Settings, files: Sequence[Path], stop: Stop) -> RunResult:
-    """Render ``files`` to the end (or until ``stop``) and summarise the run."""
+def run_files(settings: config.Settings, files: Sequence[Path], stop: Stop, *,
+              force: bool = False) -> RunResult:
+    """Render ``files`` to the end (or until ``stop``) and summarise the run. A file that
+    is identical to an earlier batch is that batch, unless ``force``."""
     with StateLock(settings.state_dir / "daemon.lock"):
         log_ = EventLog(settings.state_dir)
         if log_.repaired_bytes:
@@ -102,7 +104,7 @@ def run_files(settings: config.Settings, files: Sequence[Path], stop: Stop) -> R
             for i in settings.instances}
         loop = Loop(settings, store, agents, load_workflows(settings), inbox=inbox)
         for path in files:
-            loop.post(SubmitFile(path))
+            loop.post(SubmitFile(path, force))
         with _running(agents.values()):
             loop.run_until(lambda: _files_finished(loop, files), stop=stop)
         batch_ids = tuple(b for b in (loop.submitted.get(f) for f in files) if b)
@@ -188,6 +190,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--compare-single", action="store_true",
                         help="with --simulate: run the files again on one server and print "
                              "the speed-up")
+    parser.add_argument("--force", action="store_true",
+                        help="render files again even if identical to an earlier batch")
     parser.add_argument("--dry-run", action="store_true",
                         help="write the plan and every rendered workflow; contact no server")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -234,14 +238,14 @@ def one_shot(args: argparse.Namespace, settings: config.Settings,
              durations: dict[str, float], stop: Stop) -> int:
     sims = simulated(settings, durations) if args.simulate else contextlib.nullcontext()
     with sims:
-        result = run_files(settings, args.files, stop)
+        result = run_files(settings, args.files, stop, force=args.force)
     print(result.summary)
     if args.compare_single and args.simulate and settings.enable_dual_instance and not stop():
         single = config.load_settings(args.config, {
             "ENABLE_DUAL_INSTANCE": False,
             "STATE_DIR": str(settings.state_dir / "single-instance-comparison")})
         with simulated(single, durations):
-            alone = run_files(single, args.files, stop)
+            alone = run_files(single, args.files, stop, force=args.force)
         print(f"\nSame files on one server: makespan {alone.makespan:.1f} s; with "
               f"{len(settings.instances)} servers {result.makespan:.1f} s: speed-up "
               f"{alone.makespan / max(result.makespan, 1e-9):.2f}x")

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import random
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from instances.sim_config import Faults, JobTag, SimConfig
@@ -32,32 +35,66 @@ def now_ms() -> int:
 
 
 class Ledger:
-    """Every execution started on a server, across its lives; safe to read from any thread."""
+    """Every execution started on a server, across its lives; safe to read from any thread.
 
-    def __init__(self) -> None:
+    With ``path`` every start and end is also appended to that JSONL file as it happens,
+    so the record survives a SIGKILL of the simulator process (see ``read_ledger``).
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
         self._lock = threading.Lock()
         self._runs: list[dict[str, Any]] = []
+        self._file = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115
 
     def begin(self, prompt_id: str, tag: JobTag, switch_cost: float) -> int:
         with self._lock:
-            self._runs.append({"prompt_id": prompt_id, "job_id": tag.job_id, "kind": tag.kind,
-                               "model": tag.model, "start": time.time(), "end": None,
-                               "status": "running", "switch_cost": switch_cost})
+            run = {"prompt_id": prompt_id, "job_id": tag.job_id, "kind": tag.kind,
+                   "model": tag.model, "start": time.time(), "end": None,
+                   "status": "running", "switch_cost": switch_cost, "run": uuid.uuid4().hex}
+            self._runs.append(run)
+            self._write({"event": "begin", **run})
             return len(self._runs) - 1
 
     def end(self, index: int, status: str) -> None:
         with self._lock:
-            self._runs[index].update(end=time.time(), status=status)
+            run = self._runs[index]
+            run.update(end=time.time(), status=status)
+            self._write({"event": "end", "run": run["run"], "end": run["end"],
+                         "status": status})
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
 
     def executions(self) -> list[dict[str, Any]]:
         with self._lock:
             return copy.deepcopy(self._runs)
 
     def counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for run in self.executions():
-            counts[run["prompt_id"]] = counts.get(run["prompt_id"], 0) + 1
-        return counts
+        return count_by_prompt(self.executions())
+
+
+def count_by_prompt(runs: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run["prompt_id"]] = counts.get(run["prompt_id"], 0) + 1
+    return counts
+
+
+def read_ledger(path: Path) -> list[dict[str, Any]]:
+    """The executions a ``Ledger(path)`` recorded, across process lives, in start order; a
+    run that began and never ended (its process was killed) has status ``lost``."""
+    runs: dict[str, dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.endswith("}"):
+            continue  # a line cut by the kill
+        record = json.loads(line)
+        if record.pop("event") == "begin":
+            runs[record["run"]] = {**record, "status": "lost"}
+        elif record["run"] in runs:
+            runs[record["run"]].update(end=record["end"], status=record["status"])
+    return sorted(runs.values(), key=lambda r: r["start"])
 
 
 @dataclass

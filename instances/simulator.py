@@ -209,6 +209,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--history-message-shape", choices=("pair", "string"), default="pair")
     p.add_argument("--output-dir", type=Path)
     p.add_argument("--input-dir", type=Path)
+    p.add_argument("--ledger", type=Path, metavar="FILE",
+                   help="append every execution to this JSONL file (survives SIGKILL)")
     return p
 
 
@@ -225,7 +227,7 @@ async def _serve(config: SimConfig, args: argparse.Namespace, root: Path) -> Non
     """Serve until SIGTERM or SIGINT; the handlers only set the stop event."""
     files = SimFiles(args.input_dir or root / "input", args.output_dir or root / "output",
                      root / "temp")
-    server = SimServer(config, files, Ledger(), FaultSwitch(config.faults))
+    server = SimServer(config, files, Ledger(args.ledger), FaultSwitch(config.faults))
     port = await server.open(args.host, args.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -24,6 +24,7 @@ from instances.client import JobOutcome
 from instances.workflow import Workflow
 from service.status import BusyMeter, status_view, write_status_file
 from statemachine import events as ev
+from statemachine import failpoints
 from statemachine.errors import (
     BadInput,
     ComfyDualError,
@@ -31,7 +32,7 @@ from statemachine.errors import (
     PermanentDispatchError,
 )
 from statemachine.job import BATCH_FINAL, BatchState, Job, JobState
-from statemachine.plan import JobKind
+from statemachine.plan import BatchPlan, JobKind
 from statemachine.planner import plan_prompt_file
 from statemachine.rules import cancel_batch, failure_event, retry_batch
 from statemachine.scheduler import schedule
@@ -46,9 +47,10 @@ JOB_ENDINGS = (ev.JobSucceeded, ev.JobAttemptFailed, ev.JobFailed, ev.JobLost,
 
 @dataclass(frozen=True, slots=True)
 class SubmitFile:
-    """A prompt file to plan and record as a batch (one-shot mode, or the spool)."""
+    """A prompt file named on the command line, to plan and record as a batch."""
 
     path: Path
+    force: bool = False
 
 
 class Agent(Protocol):
@@ -111,6 +113,8 @@ class Loop:
         self._expire_lost_instances(now)
         self._dispatch(now)
         self.store.commit()
+        if self._effects:
+            failpoints.hit("after_intent")
         effects, self._effects = self._effects, []
         for effect in effects:
             effect()
@@ -145,24 +149,31 @@ class Loop:
     # --- intake ----------------------------------------------------------------------
 
     def _on_file(self, message: SubmitFile, now: float) -> None:
+        """One-shot mode: a file identical to an earlier batch is that batch (resumed if
+        unfinished, reported if ended), unless ``force`` asks for a new render."""
         try:
-            batch_id = self.accept(message.path.read_bytes(), message.path.name, now)
+            data = message.path.read_bytes()
+            plan = self.plan(data, message.path.name)
         except (OSError, BadInput) as exc:
             log.error("❌ prompt file refused", file=str(message.path), reason=str(exc))
-            batch_id = None
-        self.submitted[message.path] = batch_id
-
-    def accept(self, data: bytes, name: str, now: float) -> str:
-        """Plan a prompt file and record its batch; a file identical to a batch that is
-        still unfinished resumes that batch. Returns the batch id; BadInput says why not."""
-        plan = plan_prompt_file(data, name, batch_id=f"b{len(self.store.batches) + 1:04d}",
-                                settings=self.settings)
+            self.submitted[message.path] = None
+            return
         earlier = self.store.batches.get(self.store.by_sha256.get(plan.sha256, ""))
-        if earlier is not None and earlier.state not in BATCH_FINAL:
-            log.info("↩️ resuming batch", batch=earlier.batch_id, file=name)
-            return earlier.batch_id
+        if earlier is not None and not message.force:
+            log.info("↩️ same file as an earlier batch: taking that one", file=plan.source,
+                     batch=earlier.batch_id, state=earlier.state.value)
+            self.submitted[message.path] = earlier.batch_id
+        else:
+            self.submitted[message.path] = self.record_batch(plan, now)
+
+    def plan(self, data: bytes, name: str) -> BatchPlan:
+        """Plan a prompt file under the next batch id; BadInput says why it cannot be."""
+        return plan_prompt_file(data, name, batch_id=f"b{len(self.store.batches) + 1:04d}",
+                                settings=self.settings)
+
+    def record_batch(self, plan: BatchPlan, now: float) -> str:
         self.store.record(ev.BatchAccepted(plan), now)
-        log.info("📥 batch accepted", batch=plan.batch_id, video=plan.name, file=name,
+        log.info("📥 batch accepted", batch=plan.batch_id, video=plan.name, file=plan.source,
                  chunks=len(plan.jobs) // 3, frames=plan.total_frames)
         return plan.batch_id
 
@@ -201,6 +212,8 @@ class Loop:
             self._send(self.store.jobs[pick.job_id], pick.instance_id, now)
 
     def _send(self, job: Job, instance_id: str, now: float) -> None:
+        if job.kind is JobKind.COMBINE:
+            failpoints.hit("dispatch_combine")
         prompt_id = str(uuid.uuid4())
         self.store.record(ev.JobDispatchIntent(job.job_id, instance_id, prompt_id), now)
         self._post_prompt(job, now)

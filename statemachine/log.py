@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
+from statemachine import failpoints
 from statemachine.errors import CorruptLog, LogWriteError
 
 
@@ -94,8 +95,14 @@ class EventLog:
         """
         if not self._pending:
             return
+        data = b"".join(self._pending)
         try:
-            self._file.write(b"".join(self._pending))
+            if failpoints.armed():
+                self._file.write(data[: len(data) // 2])
+                self._file.flush()
+                failpoints.hit("mid_append")
+                data = data[len(data) // 2:]
+            self._file.write(data)
             self._file.flush()
             os.fsync(self._file.fileno())
         except OSError as exc:

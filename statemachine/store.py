@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from statemachine import events as ev
+from statemachine import failpoints
 from statemachine.errors import CorruptLog, IllegalTransition
 from statemachine.job import (
     BATCH_FINAL,
@@ -176,7 +177,7 @@ class Store:
             for dep in job.spec.deps:
                 self.jobs[dep].dependants.append(job)
         self.batches[plan.batch_id] = batch
-        self.by_sha256.setdefault(plan.sha256, plan.batch_id)
+        self.by_sha256[plan.sha256] = plan.batch_id  # the latest batch of that file
         self.unfinished_renders += batch.renders_left
         return batch
 
@@ -229,6 +230,8 @@ class Store:
             store._restore(orjson.loads(snapshot))
         for line_no, line in log.lines():
             store._replay_line(line_no, line)
+            if line_no % 64 == 0:
+                failpoints.hit("replay")
         return store
 
     def _replay_line(self, line_no: int, line: bytes) -> None:
