@@ -70,10 +70,11 @@ class Notifier:
         self._send("STOPPING=1")
 
     def tick(self, now: float) -> None:
-        """Call every loop turn: pings the watchdog when half its timeout has passed."""
+        """Call every loop turn: pings the watchdog when half its timeout has passed (or
+        when ``now`` went backwards: a wall clock set back must not silence the pings)."""
         interval = self.watchdog_interval()
         if interval is None or (self._last_ping is not None
-                                and now - self._last_ping < interval):
+                                and 0 <= now - self._last_ping < interval):
             return
         self._last_ping = now
         self.watchdog()
