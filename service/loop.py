@@ -29,6 +29,7 @@ from statemachine.errors import (
     BadInput,
     ComfyDualError,
     InstanceUnreachable,
+    LogWriteError,
     PermanentDispatchError,
 )
 from statemachine.job import BATCH_FINAL, BatchState, Job, JobState
@@ -94,6 +95,7 @@ class Loop:
         self.status_path = status_path
         self.daemon_info = daemon_info
         self._status_written = float("-inf")
+        self.log_error: str | None = None  # why the event log cannot be written, if so
         self._forget_instances_gone_from_config()
         store.listeners.append(self._narrate)
         store.listeners.append(self._meter)
@@ -111,14 +113,32 @@ class Loop:
         for message in messages:
             self._handlers[type(message)](message, now)
         self._expire_lost_instances(now)
-        self._dispatch(now)
-        self.store.commit()
+        if self.log_error is None:
+            self._dispatch(now)
+        if not self._commit():
+            return  # nothing leaves the process until what caused it is durable
         if self._effects:
             failpoints.hit("after_intent")
         effects, self._effects = self._effects, []
         for effect in effects:
             effect()
         self.write_status(now)
+
+    def _commit(self) -> bool:
+        """Group commit. While the log cannot be written (disk full, read-only), keep the
+        events pending, send nothing, dispatch nothing, and say so; resume once it works."""
+        try:
+            self.store.commit()
+        except LogWriteError as exc:
+            if self.log_error is None:
+                log.error("🛑 cannot write the event log: dispatch stopped until it can",
+                          error=str(exc))
+            self.log_error = str(exc)
+            return False
+        if self.log_error is not None:
+            log.info("✅ event log writable again: dispatch resumes")
+            self.log_error = None
+        return True
 
     def write_status(self, now: float, *, force: bool = False) -> None:
         """Rewrite ``status.json`` (at most every STATUS_EVERY seconds unless forced)."""

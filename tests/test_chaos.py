@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-import chaos  # noqa: E402
+import chaos
 
 
 def test_kills_lose_nothing_and_render_nothing_twice(tmp_path, capsys):

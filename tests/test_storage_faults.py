@@ -1,0 +1,89 @@
+"""When the event log cannot be written the daemon stops dispatching, says why, sends
+nothing that is not durable, and resumes by itself once writing works again."""
+
+from __future__ import annotations
+
+import threading
+from typing import ClassVar
+
+import pytest
+from test_end_to_end import prompt_file, settings_for
+
+import daemon
+from instances.client import ComfyClient
+from instances.simulator import SimConfig, start_simulator
+from statemachine import events as ev
+from statemachine.errors import LogWriteError
+from statemachine.log import EventLog
+from statemachine.store import read_records
+
+
+class FlakyLog(EventLog):
+    """An event log on a disk that fills up for a while (commits raise, nothing is written)."""
+
+    full = threading.Event()
+    refusals: ClassVar[list[int]] = []
+
+    def commit(self) -> None:
+        if self.full.is_set() and self._pending:
+            self.refusals.append(len(self._pending))
+            try:
+                raise OSError(28, "No space left on device")
+            except OSError as exc:
+                raise LogWriteError(f"cannot write {self.path}: {exc.strerror}") from exc
+        super().commit()
+
+
+def received(*sims) -> set[str]:
+    """Every prompt_id the servers got: executed, running or waiting in their queues."""
+    ids = set()
+    for sim in sims:
+        ids |= {r["prompt_id"] for r in sim.executions()}
+        queue = ComfyClient(sim.url).queue()
+        ids |= set(queue.running) | set(queue.pending)
+    return ids
+
+
+def durable_intents(state) -> set[str]:
+    lines = (state / "events.jsonl").read_bytes().splitlines(keepends=True)
+    return {rec.event.prompt_id for rec in map(ev.decode, lines)
+            if isinstance(rec.event, ev.JobDispatchIntent)}
+
+
+@pytest.fixture
+def sims():
+    with start_simulator(0, SimConfig(durations={"HIGH": 0.1, "LOW": 0.1})) as high, \
+            start_simulator(0, SimConfig(durations={"HIGH": 0.1, "LOW": 0.1})) as low:
+        yield high, low
+
+
+def test_a_full_disk_pauses_dispatch_and_the_run_resumes_when_it_frees(tmp_path, sims,
+                                                                        monkeypatch):
+    high, low = sims
+    monkeypatch.setattr(daemon, "EventLog", FlakyLog)
+    FlakyLog.refusals.clear()
+    not_durable: list[set[str]] = []
+
+    def fill_disk_for_a_while():
+        while not high.executions():
+            threading.Event().wait(0.01)
+        FlakyLog.full.set()
+        threading.Event().wait(0.6)  # jobs finish, their followers would be posted now
+        not_durable.append(received(high, low) - durable_intents(tmp_path / "state"))
+        FlakyLog.full.clear()
+
+    filler = threading.Thread(target=fill_disk_for_a_while)
+    filler.start()
+    try:
+        result = daemon.run_files(settings_for(tmp_path / "state", high.port, low.port),
+                                  [prompt_file(tmp_path, "v", 303)], daemon.Stop())
+    finally:
+        filler.join()
+    assert FlakyLog.refusals, "the disk never refused a commit"
+    assert not_durable == [set()], "a prompt reached a server before its intent was durable"
+    assert result.all_done
+    assert all(n == 1 for n in high.counts().values()) and all(
+        n == 1 for n in low.counts().values())
+    records = list(read_records(EventLog(tmp_path / "state")))
+    assert [r.seq for r in records] == list(range(1, len(records) + 1))
+    assert sum(isinstance(r.event, ev.JobSucceeded) for r in records) == 9
