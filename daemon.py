@@ -3,6 +3,7 @@
     python daemon.py prompt_files/a.txt b.txt [--dual-instance | --single-instance]
     python daemon.py --simulate examples/prompts/*.txt      # on built-in simulated servers
     python daemon.py --dry-run prompt_files/a.txt           # plan and render, contact nobody
+    python daemon.py                                        # service: watch the spool
 
 One-shot mode runs the files to the end, prints a summary and exits 0 only if every
 batch succeeded. Run it again after a crash and it resumes from the event log.
@@ -13,11 +14,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import queue
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +28,17 @@ import structlog
 
 import config
 from instances.agent import InstanceAgent
-from instances.simulator import SimConfig, start_simulator
+from instances.simulator import PROGRESS_NODES, SimConfig, start_simulator
 from instances.workflow import Workflow, load_workflow
+from service.intake import Intake
 from service.lock import StateLock
 from service.logs import setup_logging
 from service.loop import Loop, SubmitFile
+from service.notify import Notifier
 from service.summary import figures, render_summary
+from spool.intake import Spool
+from spool.layout import SpoolLayout
+from spool.watcher import SpoolWatcher
 from statemachine.errors import BadConfig, ComfyDualError
 from statemachine.log import EventLog
 from statemachine.plan import JobKind
@@ -43,6 +51,9 @@ log = structlog.get_logger("comfy_dual.daemon")
 PROJECT_DIR = Path(__file__).resolve().parent
 OBJECT_INFO = PROJECT_DIR / "instances" / "data" / "object_info.json"
 DEMO_DURATIONS = {"HIGH": 0.35, "LOW": 0.35, "COMBINE": 0.08}
+# The demo workflows' stand-ins for samplers: the simulator reports progress for them.
+DEMO_PROGRESS_NODES = frozenset({"EmptyLatentImage", "ImageBlur", "CreateVideo"})
+READY_AT_LATEST = 30.0  # seconds: READY=1 even if a server never answers a reconciliation
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,34 +97,86 @@ class Stop:
         return self.event.is_set()
 
 
-def run_files(settings: config.Settings, files: Sequence[Path], stop: Stop, *,
-              force: bool = False) -> RunResult:
-    """Render ``files`` to the end (or until ``stop``) and summarise the run. A file that
-    is identical to an earlier batch is that batch, unless ``force``."""
+@contextlib.contextmanager
+def opened(settings: config.Settings, **loop_options: object) -> Iterator[Loop]:
+    """The state directory locked and replayed, agents running, a loop ready to turn."""
     with StateLock(settings.state_dir / "daemon.lock"):
-        log_ = EventLog(settings.state_dir)
-        if log_.repaired_bytes:
+        event_log = EventLog(settings.state_dir)
+        if event_log.repaired_bytes:
             log.warning("✂️ cut a torn last line off the event log (a crash mid-write)",
-                        bytes=log_.repaired_bytes)
-        store = Store.open(log_, policy_of(settings))
+                        bytes=event_log.repaired_bytes)
+        store = Store.open(event_log, policy_of(settings))
         inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         agents = {i.instance_id: InstanceAgent(
             i, inbox.put, health_interval=settings.health_interval,
             probe_backoff_max=settings.probe_backoff_max,
             connect_timeout=settings.connect_timeout, read_timeout=settings.request_timeout)
             for i in settings.instances}
-        loop = Loop(settings, store, agents, load_workflows(settings), inbox=inbox)
+        loop = Loop(settings, store, agents, load_workflows(settings), inbox=inbox,
+                    status_path=settings.state_dir / "status.json",
+                    daemon_info={"pid": os.getpid(), "started_at": time.time()},
+                    **loop_options)
+        try:
+            with _running(agents.values()):
+                yield loop
+        finally:
+            loop.write_status(time.time(), force=True)
+            event_log.close()
+
+
+def run_files(settings: config.Settings, files: Sequence[Path], stop: Stop, *,
+              force: bool = False) -> RunResult:
+    """Render ``files`` to the end (or until ``stop``) and summarise the run. A file that
+    is identical to an earlier batch is that batch, unless ``force``."""
+    with opened(settings) as loop:
         for path in files:
             loop.post(SubmitFile(path, force))
-        with _running(agents.values()):
-            loop.run_until(lambda: _files_finished(loop, files), stop=stop)
+        loop.run_until(lambda: _files_finished(loop, files), stop=stop)
+        loop.store.commit()
         batch_ids = tuple(b for b in (loop.submitted.get(f) for f in files) if b)
-        tl = build_timeline(read_records(log_))
-        log_.close()
+        tl = build_timeline(read_records(loop.store.log))
     fig = figures(tl, batch_ids, settings.instances)
     rejected = any(loop.submitted.get(f) is None for f in files)
     return RunResult(batch_ids, fig.all_done and not rejected and not stop(), fig.makespan,
                      render_summary(tl, batch_ids, settings.instances))
+
+
+def serve(settings: config.Settings, stop: Stop, notifier: Notifier) -> int:
+    """Service mode: render whatever arrives in the spool until SIGTERM."""
+    layout = SpoolLayout.under(settings.state_dir)
+    layout.create()
+    intake = Intake(Spool(layout), layout.commands)
+    with opened(settings, intake=intake) as loop, _watching(layout, loop.post):
+        log.info("👂 watching the spool", incoming=str(layout.incoming))
+        ready = False
+        while not stop():
+            loop.run_once(timeout=loop.wait_budget(time.time()))
+            now = time.time()
+            if not ready and (loop.reconciled or now - loop.busy.start > READY_AT_LATEST):
+                notifier.ready()
+                ready = True
+            notifier.status(loop.status_line())
+            notifier.tick(now)
+        notifier.stopping()
+        log.info("👋 stopping: renders on the servers go on and are picked up at the next start")
+    return 0
+
+
+@contextlib.contextmanager
+def _watching(layout: SpoolLayout, post: Callable[[object], None]) -> Iterator[None]:
+    """Watch the spool; without inotify the periodic rescans still find every file."""
+    watcher = SpoolWatcher(layout, post)
+    try:
+        watcher.start()
+    except OSError as exc:
+        log.warning("⚠️ cannot watch the spool; finding files by rescanning only",
+                    error=str(exc))
+        yield
+        return
+    try:
+        yield
+    finally:
+        watcher.stop()
 
 
 def _files_finished(loop: Loop, files: Sequence[Path]) -> bool:
@@ -141,7 +204,9 @@ def simulated(settings: config.Settings, durations: dict[str, float]) -> Iterato
         if i.host not in ("127.0.0.1", "localhost", "::1"):
             raise BadConfig(f"--simulate needs loopback hosts; {i.instance_id} is at {i.host}")
     ports = sorted({i.port for i in settings.instances})
-    sims = [start_simulator(port, SimConfig(durations=durations)) for port in ports]
+    sim_config = SimConfig(durations=durations,
+                           progress_nodes=PROGRESS_NODES | DEMO_PROGRESS_NODES)
+    sims = [start_simulator(port, sim_config) for port in ports]
     try:
         yield
     finally:
@@ -181,7 +246,8 @@ def dry_run(settings: config.Settings, files: Sequence[Path]) -> int:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="daemon.py", description=__doc__.split("\n")[0])
     parser.add_argument("files", nargs="*", type=Path, metavar="FILE",
-                        help="prompt files to render now (one-shot mode)")
+                        help="prompt files to render now (one-shot mode); none: watch the "
+                             "spool until SIGTERM (service mode)")
     config.add_cli_arguments(parser)
     parser.add_argument("--simulate", action="store_true",
                         help="start simulated ComfyUI servers on the configured ports first")
@@ -221,14 +287,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         setup_logging(None, verbose=args.verbose)
         return dry_run(settings, args.files)
-    if not args.files:
-        print("comfy-dual: name prompt files to render", file=sys.stderr)
-        return 2
     setup_logging(settings.state_dir / "logs", verbose=args.verbose)
     stop = Stop()
     stop.install()
     try:
-        return one_shot(args, settings, durations, stop)
+        if args.files:
+            return one_shot(args, settings, durations, stop)
+        sims = simulated(settings, durations) if args.simulate else contextlib.nullcontext()
+        with sims:
+            return serve(settings, stop, Notifier.from_env())
     except ComfyDualError as exc:
         log.error(f"comfy-dual stopped: {exc}")
         return 1

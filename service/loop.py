@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -23,6 +23,7 @@ from instances.agent import Checked, Finished, Health, Posted, PostFailed, Progr
 from instances.client import JobOutcome
 from instances.workflow import Workflow
 from service.status import BusyMeter, status_view, write_status_file
+from spool.watcher import SpoolHint
 from statemachine import events as ev
 from statemachine import failpoints
 from statemachine.errors import (
@@ -38,6 +39,9 @@ from statemachine.planner import plan_prompt_file
 from statemachine.rules import cancel_batch, failure_event, retry_batch
 from statemachine.scheduler import schedule
 from statemachine.store import Store
+
+if TYPE_CHECKING:
+    from service.intake import Intake
 
 log = structlog.get_logger("comfy_dual.loop")
 
@@ -73,7 +77,7 @@ class Loop:
                  workflows: Mapping[JobKind, Workflow], *,
                  inbox: queue.SimpleQueue[object] | None = None,
                  status_path: Path | None = None, daemon_info: Mapping[str, Any] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 intake: Intake | None = None, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.store = store
         self.agents = agents
@@ -83,13 +87,16 @@ class Loop:
         self.progress: dict[str, tuple[str, int, int]] = {}
         self.down_since: dict[str, float] = {}
         self.reported: set[str] = set()  # instances heard from since start
+        self.checking: set[str] = set()  # prompts asked about after a (re)connection
         self.fallback_kinds: frozenset[str] = frozenset()
         self.submitted: dict[Path, str | None] = {}  # file -> batch id (None: rejected)
+        self.intake = intake
         self._effects: list[Callable[[], None]] = []
         self._handlers: dict[type, Callable[[Any, float], None]] = {
             Health: self._on_health, Posted: self._on_posted, PostFailed: self._on_post_failed,
             Started: self._on_started, Progress: self._on_progress,
             Finished: self._on_finished, Checked: self._on_checked, SubmitFile: self._on_file,
+            SpoolHint: self._on_spool_hint,
         }
         self.busy = BusyMeter(clock())
         self.status_path = status_path
@@ -113,6 +120,8 @@ class Loop:
         for message in messages:
             self._handlers[type(message)](message, now)
         self._expire_lost_instances(now)
+        if self.intake is not None and self.log_error is None:
+            self.intake.turn(self, now)
         if self.log_error is None:
             self._dispatch(now)
         if not self._commit():
@@ -123,6 +132,20 @@ class Loop:
         for effect in effects:
             effect()
         self.write_status(now)
+
+    def defer(self, effect: Callable[[], None]) -> None:
+        """Run ``effect`` after this turn's commit (a file move, a reply, a POST)."""
+        self._effects.append(effect)
+
+    def wait_budget(self, now: float, longest: float = 0.5) -> float:
+        """How long the next turn may wait for messages."""
+        if self.intake is None:
+            return longest
+        return min(longest, self.intake.next_turn_in(now))
+
+    def _on_spool_hint(self, hint: SpoolHint, now: float) -> None:
+        if self.intake is not None:
+            self.intake.spool.note(hint)
 
     def _commit(self) -> bool:
         """Group commit. While the log cannot be written (disk full, read-only), keep the
@@ -165,6 +188,23 @@ class Loop:
     def started(self) -> bool:
         """Every instance has answered (or failed) its first probe: dispatch may begin."""
         return self.reported >= set(self.agents)
+
+    @property
+    def reconciled(self) -> bool:
+        """Started, and every job found in flight on a reachable server was looked up."""
+        return self.started and not self.checking
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: batches, jobs and instances that are down."""
+        active = sum(1 for _ in self.store.open_batches())
+        down = [i for i in self.agents if self.store.instance_up.get(i) is False]
+        line = (f"{active} batches active; {len(self.store.ready)} jobs ready, "
+                f"{len(self.store.in_flight)} in flight")
+        if down:
+            line += f"; DOWN: {', '.join(down)}"
+        if self.log_error:
+            line += "; EVENT LOG NOT WRITABLE"
+        return line
 
     # --- intake ----------------------------------------------------------------------
 
@@ -246,8 +286,8 @@ class Loop:
         except ComfyDualError as exc:
             self._fail(job, f"workflow cannot be rendered: {exc}", now, permanent=True)
             return
-        self._effects.append(partial(self.agents[job.instance_id].submit, job.job_id,
-                                     job.prompt_id, graph, self._extra_data(job)))
+        self.defer(partial(self.agents[job.instance_id].submit, job.job_id, job.prompt_id,
+                           graph, self._extra_data(job)))
 
     @staticmethod
     def _extra_data(job: Job) -> dict[str, Any]:
@@ -308,6 +348,7 @@ class Loop:
                                         policy=self.store.policy), now)
 
     def _on_checked(self, m: Checked, now: float) -> None:
+        self.checking.discard(m.prompt_id)
         job = self._flying(m.prompt_id)
         if job is None:
             return
@@ -335,8 +376,9 @@ class Loop:
         if m.up:
             for job in list(self.store.in_flight.values()):
                 if job.instance_id == m.instance_id:
-                    self._effects.append(partial(self.agents[m.instance_id].check,
-                                                 job.job_id, job.prompt_id))
+                    self.checking.add(job.prompt_id)
+                    self.defer(partial(self.agents[m.instance_id].check, job.job_id,
+                                       job.prompt_id))
 
     def _set_health(self, instance_id: str, up: bool, detail: str, now: float) -> None:
         if self.store.instance_up.get(instance_id) == up:
@@ -418,7 +460,7 @@ class Loop:
         elif isinstance(e, ev.JobCancelled) and subject.prompt_id is not None:
             agent = self.agents.get(subject.instance_id)
             if agent is not None:  # it was in flight: stop it on its server
-                self._effects.append(partial(agent.stop_prompt, subject.prompt_id))
+                self.defer(partial(agent.stop_prompt, subject.prompt_id))
         elif isinstance(e, ev.BatchGateOpened):
             log.info("🚪 COMBINE gate open", batch=e.batch_id)
         elif isinstance(e, (ev.BatchDone, ev.BatchFailed, ev.BatchCancelled)):
