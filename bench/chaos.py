@@ -92,28 +92,29 @@ def write_config(path: Path, sims: list[SimProcess]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_prompts(directory: Path, videos: int, rng: random.Random) -> list[Path]:
+def write_prompts(directory: Path, first: int, count: int, rng: random.Random) -> list[Path]:
     files = []
-    for n in range(videos):
+    for n in range(first, first + count):
         frames = rng.randint(1, 3) * 101 - rng.randint(0, 50)
-        path = directory / f"video{n:02d}.txt"
-        path.write_text(f"video{n:02d}\n\n{frames}\n\nchaos test video {n}\n\nblurry\n")
+        path = directory / f"video{n:03d}.txt"
+        path.write_text(f"video{n:03d}\n\n{frames}\n\nchaos test video {n}\n\nblurry\n")
         files.append(path)
     return files
 
 
 class Daemon:
-    def __init__(self, work: Path, config: Path, files: list[Path]) -> None:
-        self.cmd = [sys.executable, str(ROOT / "daemon.py"), "--config", str(config),
-                    "--state-dir", str(work / "state"), *map(str, files)]
+    """The daemon in one-shot mode over a growing list of prompt files."""
+
+    def __init__(self, work: Path, config: Path) -> None:
+        self.base = [sys.executable, str(ROOT / "daemon.py"), "--config", str(config),
+                     "--state-dir", str(work / "state")]
+        self.files: list[Path] = []
         self.log = open(work / "daemon.log", "ab")  # noqa: SIM115 - closed in close()
-        self.lives = 0
 
     def start(self, failpoints: str) -> subprocess.Popen:
-        self.lives += 1
         env = {**os.environ, "COMFY_DUAL_FAILPOINTS": failpoints}
-        return subprocess.Popen(self.cmd, cwd=ROOT, env=env, stdout=self.log,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen([*self.base, *map(str, self.files)], cwd=ROOT, env=env,
+                                stdout=self.log, stderr=subprocess.STDOUT)
 
     def close(self) -> None:
         self.log.close()
@@ -127,8 +128,8 @@ def chaos(args: argparse.Namespace, work: Path) -> dict:
         sim.start()
     config = work / "config.toml"
     write_config(config, sims)
-    files = write_prompts(work, args.videos, rng)
-    daemon = Daemon(work, config, files)
+    daemon = Daemon(work, config)
+    daemon.files += write_prompts(work, 0, args.videos, rng)
     kills = server_kills = 0
     server_kill_turns = set(rng.sample(range(1, args.kills + 1),
                                        min(args.server_kills, args.kills)))
@@ -140,8 +141,9 @@ def chaos(args: argparse.Namespace, work: Path) -> dict:
             except subprocess.TimeoutExpired:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
-            if proc.returncode == 0:
-                break  # all work done before the kills ran out
+            if proc.returncode == 0:  # all done before the kills ran out: more work
+                daemon.files += write_prompts(work, len(daemon.files), args.videos, rng)
+                continue
             kills += 1
             if kills in server_kill_turns:
                 sim = rng.choice(sims)
@@ -187,17 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--kills", type=int, default=300)
     p.add_argument("--server-kills", type=int, default=20)
-    p.add_argument("--videos", type=int, default=0,
-                   help="videos to render (default: enough work for the kills)")
+    p.add_argument("--videos", type=int, default=8,
+                   help="videos to start with; as many again each time all are done")
     p.add_argument("--duration", type=float, default=0.1, help="seconds per HIGH/LOW job")
     p.add_argument("--max-life", type=float, default=1.2,
                    help="longest a daemon life lasts before its SIGKILL")
-    p.add_argument("--final-timeout", type=float, default=300)
+    p.add_argument("--final-timeout", type=float, default=600)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--keep", type=Path, help="work in this directory and keep it")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    args.videos = args.videos or max(3, 2 * args.kills)
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
         result = chaos(args, args.keep)
