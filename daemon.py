@@ -53,6 +53,7 @@ OBJECT_INFO = PROJECT_DIR / "instances" / "data" / "object_info.json"
 DEMO_DURATIONS = {"HIGH": 0.35, "LOW": 0.35, "COMBINE": 0.08}
 # The demo workflows' stand-ins for samplers: the simulator reports progress for them.
 DEMO_PROGRESS_NODES = frozenset({"EmptyLatentImage", "ImageBlur", "CreateVideo"})
+STATUS_EVERY = 1.0  # seconds between STATUS= updates to systemd
 READY_AT_LATEST = 30.0  # seconds: READY=1 even if a server never answers a reconciliation
 
 
@@ -148,14 +149,16 @@ def serve(settings: config.Settings, stop: Stop, notifier: Notifier) -> int:
     intake = Intake(Spool(layout), layout.commands)
     with opened(settings, intake=intake) as loop, _watching(layout, loop.post):
         log.info("👂 watching the spool", incoming=str(layout.incoming))
-        ready = False
+        ready, told = False, float("-inf")
         while not stop():
             loop.run_once(timeout=loop.wait_budget(time.time()))
             now = time.time()
             if not ready and (loop.reconciled or now - loop.busy.start > READY_AT_LATEST):
                 notifier.ready()
                 ready = True
-            notifier.status(loop.status_line())
+            if now - told >= STATUS_EVERY:
+                notifier.status(loop.status_line())
+                told = now
             notifier.tick(now)
         notifier.stopping()
         log.info("👋 stopping: renders on the servers go on and are picked up at the next start")

@@ -373,6 +373,7 @@ class Loop:
     def _on_health(self, m: Health, now: float) -> None:
         self.reported.add(m.instance_id)
         self._set_health(m.instance_id, m.up, m.detail, now)
+        self._log_fallback()
         if m.up:
             for job in list(self.store.in_flight.values()):
                 if job.instance_id == m.instance_id:
@@ -397,8 +398,9 @@ class Loop:
         self._log_fallback()
 
     def _log_fallback(self) -> None:
-        """Fallback runs a type on another instance while all of its own are DOWN."""
-        if not self.settings.fallback:
+        """Fallback runs a type on another instance while all of its own are DOWN (told
+        once every instance has answered its first probe, so start-up does not flap)."""
+        if not self.settings.fallback or not self.started:
             return
         views = self.store.instance_views(self.settings.instances)
         up = [v for v in views if v.up]

@@ -91,7 +91,8 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self._sock.sendto(message.encode("utf-8"), self._address)
+            # Never block the loop on a reader that fell behind: drop and say so instead.
+            self._sock.sendto(message.encode("utf-8"), socket.MSG_DONTWAIT, self._address)
         except OSError as exc:
             if not self._failing:
                 log.warning("sd_notify failed; systemd will not hear from us",
