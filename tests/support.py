@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 from statemachine import events as ev
 from statemachine.plan import BatchPlan
@@ -30,3 +33,13 @@ def run_to_success(store, job_id: str, instance_id: str, now: float) -> None:
     store.record(ev.JobQueued(job_id, prompt_id, 1), now)
     store.record(ev.JobStarted(job_id, prompt_id), now)
     store.record(ev.JobSucceeded(job_id, prompt_id, {"9": {"images": []}}), now)
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
+    """The first truthy result of ``check``, polled; fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

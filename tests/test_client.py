@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import websocket
+from support import wait_for
 
 from instances.client import (
     ComfyClient,
@@ -249,16 +250,6 @@ WITH_PROGRESS = {
     "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "up"}},
 }
 SLOW = {"comfy_dual": {"kind": "SLOW"}}
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def new_id() -> str:

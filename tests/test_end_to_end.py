@@ -10,16 +10,12 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-import pytest
-
 import config
 import daemon
-from instances.simulator import SimConfig, start_simulator
 from statemachine.log import EventLog
 from statemachine.store import read_records
 from statemachine.timeline import build_timeline
 
-DURATIONS = {"HIGH": 0.12, "LOW": 0.12, "COMBINE": 0.03}
 PROJECT = Path(__file__).resolve().parent.parent
 
 
@@ -41,13 +37,6 @@ def settings_for(state: Path, high: int, low: int, **overrides) -> config.Settin
         "REQUEST_TIMEOUT": 5, "FRAMES_PER_CHUNK": 101, **overrides})
 
 
-@pytest.fixture
-def sims():
-    high = start_simulator(0, SimConfig(durations=DURATIONS))
-    low = start_simulator(0, SimConfig(durations=DURATIONS))
-    yield high, low
-    high.stop()
-    low.stop()
 
 
 def run(settings, files) -> daemon.RunResult:

@@ -13,26 +13,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support import wait_for
 
 import submit
-from instances.simulator import SimConfig, start_simulator
 
 PROJECT = Path(__file__).resolve().parent.parent
-DURATIONS = {"HIGH": 0.1, "LOW": 0.1, "COMBINE": 0.03}
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 20, what: str = "") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what or condition}")
 
 
 def prompt(directory: Path, name: str, frames: int = 202) -> Path:
@@ -75,7 +63,7 @@ class Service:
         return self
 
     def wait_notify(self, wanted: str, timeout: float = 20) -> None:
-        wait_for(lambda: wanted in self.messages, timeout, wanted)
+        wait_for(lambda: wanted in self.messages, wanted, timeout)
 
     def submit(self, *args: str) -> int:
         return submit.main([args[0], "--state-dir", str(self.state), *args[1:]])
@@ -107,13 +95,6 @@ class Service:
         self.notify.close()
 
 
-@pytest.fixture
-def sims():
-    high = start_simulator(0, SimConfig(durations=DURATIONS))
-    low = start_simulator(0, SimConfig(durations=DURATIONS))
-    yield high, low
-    high.stop()
-    low.stop()
 
 
 @pytest.fixture
@@ -148,9 +129,9 @@ def test_files_dropped_every_way_are_rendered_once_and_systemd_hears_about_it(
             f.write(part)
             f.flush()
             time.sleep(0.15)
-    wait_for(lambda: len(spool_names(svc, "accepted")) == 4, what="four accepted files")
+    wait_for(lambda: len(spool_names(svc, "accepted")) == 4, "four accepted files")
     for n in range(1, 5):
-        wait_for(lambda n=n: svc.batch_state(f"b{n:04d}") == "done", what=f"b{n:04d} done")
+        wait_for(lambda n=n: svc.batch_state(f"b{n:04d}") == "done", f"b{n:04d} done")
     assert svc.terminate() < 10
     svc.wait_notify("STOPPING=1")
     assert svc.messages.index("READY=1") < svc.messages.index("STOPPING=1")
@@ -177,7 +158,7 @@ def test_bad_files_and_duplicates_are_rejected_with_a_reason_and_force_wins(
     assert svc.submit("submit", "--force", str(prompt(tmp_path, "twice"))) == 0
     reasons = {}
     wait_for(lambda: len([n for n in spool_names(svc, "rejected")
-                          if n.endswith(".reason")]) == 6, what="six reason files")
+                          if n.endswith(".reason")]) == 6, "six reason files")
     for name in spool_names(svc, "rejected"):
         if name.endswith(".reason"):
             reasons[name.split("-")[0].split(".")[0]] = (
@@ -189,7 +170,7 @@ def test_bad_files_and_duplicates_are_rejected_with_a_reason_and_force_wins(
     assert "FIFO" in reasons["pipe"]
     assert "same content as batch b0001" in reasons["twice"]
     assert svc.proc.poll() is None, "a bad file stopped the daemon"
-    wait_for(lambda: svc.batch_state("b0002") == "done", what="the forced copy")
+    wait_for(lambda: svc.batch_state("b0002") == "done", "the forced copy")
 
 
 def test_cancel_stops_the_servers_work_and_retry_finishes_it(tmp_path, sims, service, capsys):
@@ -200,18 +181,18 @@ def test_cancel_stops_the_servers_work_and_retry_finishes_it(tmp_path, sims, ser
     assert svc.submit("submit", str(prompt(tmp_path, "queued"))) == 0
     wait_for(lambda: any(r["status"] == "running" for r in high.executions()),
              what="a hung job")
-    wait_for(lambda: len(svc.status()["running"]) == 2, what="the second job queued")
+    wait_for(lambda: len(svc.status()["running"]) == 2, "the second job queued")
     assert svc.submit("cancel", "b0002") == 0  # it waits in the server's queue
     assert "b0002 cancelled" in capsys.readouterr().out
-    wait_for(lambda: svc.batch_state("b0002") == "cancelled", what="b0002 cancelled")
+    wait_for(lambda: svc.batch_state("b0002") == "cancelled", "b0002 cancelled")
     assert svc.submit("cancel", "b0001") == 0  # it runs (and hangs) on the server
-    wait_for(lambda: svc.batch_state("b0001") == "cancelled", what="b0001 cancelled")
+    wait_for(lambda: svc.batch_state("b0001") == "cancelled", "b0001 cancelled")
     wait_for(lambda: any(r["status"] == "interrupted" for r in high.executions()),
              what="the running job interrupted on the server")
     assert [r["job_id"] for r in high.executions()] == ["b0001/H1"], "b0002 ran anyway"
     high.set_faults(hang=False)
     assert svc.submit("retry", "b0001") == 0
-    wait_for(lambda: svc.batch_state("b0001") == "done", what="retried batch done")
+    wait_for(lambda: svc.batch_state("b0001") == "done", "retried batch done")
     assert svc.submit("retry", "b0001") == 1  # nothing left to retry
     assert "only failed or cancelled" in capsys.readouterr().err
 
@@ -220,11 +201,11 @@ def test_status_while_running_and_while_the_daemon_is_down(tmp_path, sims, servi
     svc = service().start()
     assert svc.submit("submit", str(prompt(tmp_path, "watched", 303))) == 0
     capsys.readouterr()
-    wait_for(lambda: svc.status()["running"], what="a running job")
+    wait_for(lambda: svc.status()["running"], "a running job")
     assert svc.submit("status") == 0
     live = capsys.readouterr().out
     assert "daemon running" in live and "b0001" in live
-    wait_for(lambda: svc.batch_state("b0001") == "done", what="done")
+    wait_for(lambda: svc.batch_state("b0001") == "done", "done")
     svc.terminate()
     assert svc.submit("status", "--json") == 0
     replayed = json.loads(capsys.readouterr().out)
@@ -237,10 +218,10 @@ def test_sigterm_mid_run_then_restart_finishes_with_no_duplicate(tmp_path, sims,
     svc = service().start()
     for name in ("one", "two", "three"):
         assert svc.submit("submit", str(prompt(tmp_path, name, 303))) == 0
-    wait_for(lambda: len(high.executions()) + len(low.executions()) >= 4, what="progress")
+    wait_for(lambda: len(high.executions()) + len(low.executions()) >= 4, "progress")
     assert svc.terminate() < 10
     svc.start()
     for n in range(1, 4):
-        wait_for(lambda n=n: svc.batch_state(f"b{n:04d}") == "done", what=f"b{n:04d} done")
+        wait_for(lambda n=n: svc.batch_state(f"b{n:04d}") == "done", f"b{n:04d} done")
     runs = [r for sim in sims for r in sim.executions() if r["status"] == "success"]
     assert len(runs) == 27 and len({r["job_id"] for r in runs}) == 27

@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 import pytest
 import requests
 import websocket
+from support import wait_for
 
 from instances.sim_files import tiny_latent, tiny_png
 from instances.simulator import SimConfig, SimulatorHandle, start_simulator
@@ -159,17 +160,6 @@ def graph_upscale() -> dict[str, Any]:
                   "inputs": {"images": ["4", 0], "filename_prefix": "upscaled"}}}
 
 
-def poll(probe: Callable[[], Any], timeout: float, what: str) -> Any:
-    """The first truthy result of ``probe``; fails after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = probe()
-        if result:
-            return result
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def item_id(item: list[Any] | dict[str, Any]) -> str:
     """The prompt_id of a queue item, upstream array or fork object."""
     return item[1] if isinstance(item, list) else item["prompt_id"]
@@ -255,12 +245,12 @@ class Target:
 
     def wait_done(self, prompt_id: str) -> dict[str, Any]:
         """The history entry of ``prompt_id`` once it is written."""
-        return poll(lambda: self.history(prompt_id).get(prompt_id), self.timeout,
-                    f"history of {prompt_id}")
+        return wait_for(lambda: self.history(prompt_id).get(prompt_id),
+                        f"history of {prompt_id}", self.timeout)
 
     def wait_running(self, prompt_id: str) -> None:
-        poll(lambda: [i for i in self.get("/queue").json()["queue_running"]
-                      if item_id(i) == prompt_id], self.timeout, f"{prompt_id} to run")
+        wait_for(lambda: [i for i in self.get("/queue").json()["queue_running"]
+                          if item_id(i) == prompt_id], f"{prompt_id} to run", self.timeout)
 
     def listen(self, client_id: str) -> Listener:
         return Listener(self.url, client_id, self.timeout)
@@ -273,7 +263,7 @@ class Target:
         """Leave the server idle: drop pending prompts and interrupt the running one."""
         self.post("/queue", json={"clear": True})
         self.post("/interrupt")
-        poll(lambda: not self.get("/queue").json()["queue_running"], self.timeout, "idle")
+        wait_for(lambda: not self.get("/queue").json()["queue_running"], "idle", self.timeout)
 
 
 @pytest.fixture(params=["sim", pytest.param("real", marks=pytest.mark.real_comfyui)])
@@ -335,8 +325,9 @@ def test_reused_prompt_id_runs_again_and_overwrites_history(server: Target) -> N
     first = server.submit(graph_basic("cid"), client_id="contract", prompt_id=prompt_id)
     server.wait_done(prompt_id)
     second = server.submit(graph_basic("cid2"), client_id="contract", prompt_id=prompt_id)
-    entry = poll(lambda: (server.history(prompt_id)[prompt_id]["prompt"][0] == second["number"]
-                          and server.history(prompt_id)[prompt_id]), server.timeout, "rerun")
+    entry = wait_for(lambda: (server.history(prompt_id)[prompt_id]["prompt"][0]
+                              == second["number"] and server.history(prompt_id)[prompt_id]),
+                     "rerun", server.timeout)
     assert second["number"] != first["number"]
     assert entry["outputs"]["2"]["images"][0]["filename"].startswith("cid2_")
     if server.sim:
@@ -725,8 +716,8 @@ def test_counts_executions_per_prompt_id(sim: SimulatorHandle) -> None:
     target.wait_done(first)
     target.submit(graph_basic(), prompt_id="B")
     target.submit(graph_basic(), prompt_id="A")
-    poll(lambda: sim.counts() == {"A": 2, "B": 1}
-         and all(e["status"] == "success" for e in sim.executions()), 10, "three runs")
+    wait_for(lambda: sim.counts() == {"A": 2, "B": 1}
+             and all(e["status"] == "success" for e in sim.executions()), "three runs", 10)
     listed = target.get("/debug/executions").json()
     assert listed["counts"] == {"A": 2, "B": 1}
     assert [e["prompt_id"] for e in listed["executions"]] == ["A", "B", "A"]
@@ -770,8 +761,8 @@ def test_duplicate_prompt_id_while_running_runs_twice(sim: SimulatorHandle) -> N
     assert [item_id(i) for i in queue["queue_running"] + queue["queue_pending"]] == [
         "dup-id-X", "dup-id-X"]
     target.post("/interrupt", json={"prompt_id": "dup-id-X"})
-    poll(lambda: [e["status"] for e in sim.executions()] == ["interrupted", "success"], 10,
-         "the second run")
+    wait_for(lambda: [e["status"] for e in sim.executions()] == ["interrupted", "success"],
+             "the second run", 10)
     assert sim.counts() == {"dup-id-X": 2}
     assert target.wait_done("dup-id-X")["status"]["status_str"] == "success"
 

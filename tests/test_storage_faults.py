@@ -6,12 +6,10 @@ from __future__ import annotations
 import threading
 from typing import ClassVar
 
-import pytest
 from test_end_to_end import prompt_file, settings_for
 
 import daemon
 from instances.client import ComfyClient
-from instances.simulator import SimConfig, start_simulator
 from statemachine import events as ev
 from statemachine.errors import LogWriteError
 from statemachine.log import EventLog
@@ -50,11 +48,6 @@ def durable_intents(state) -> set[str]:
             if isinstance(rec.event, ev.JobDispatchIntent)}
 
 
-@pytest.fixture
-def sims():
-    with start_simulator(0, SimConfig(durations={"HIGH": 0.1, "LOW": 0.1})) as high, \
-            start_simulator(0, SimConfig(durations={"HIGH": 0.1, "LOW": 0.1})) as low:
-        yield high, low
 
 
 def test_a_full_disk_pauses_dispatch_and_the_run_resumes_when_it_frees(tmp_path, sims,
