@@ -18,6 +18,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	rm -rf var/demo
 	$(PY) daemon.py --simulate --compare-single --state-dir var/demo examples/prompts/*
+	$(PY) submit.py report --state-dir var/demo -o var/demo/timeline.html
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

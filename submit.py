@@ -5,6 +5,7 @@
     python submit.py watch [--interval 1]
     python submit.py cancel b0003
     python submit.py retry b0003
+    python submit.py report [BATCH ... | --all] [-o timeline.html | timeline.svg]
 
 Every command also takes ``--config FILE`` and ``--state-dir DIR`` (as ``daemon.py``).
 Prompt files and commands reach the daemon through the spool (tmp + fsync + rename), so
@@ -29,13 +30,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import config
+from service import report
 from service.status import STATUS_VERSION, status_view
 from spool.layout import MAX_NAME_BYTES, SpoolLayout
 from statemachine.errors import BadConfig, BadInput, ComfyDualError
 from statemachine.job import BATCH_FINAL
 from statemachine.log import fsync_dir
 from statemachine.planner import PromptSpec, parse_prompt_file, safe_name
-from statemachine.store import Store
+from statemachine.store import Store, read_records
+from statemachine.timeline import Timeline, build_timeline
 
 POLL_SECONDS = 0.05
 FINAL_STATES = frozenset(state.value for state in BATCH_FINAL)
@@ -172,7 +175,8 @@ def replay_view(settings: config.Settings, files: StateFiles) -> dict[str, Any]:
         store = Store.open(log)
     finally:
         log.close()
-    return status_view(store, settings.instances, now=time.time(), daemon=None)
+    return status_view(store, settings.instances, now=time.time(), daemon=None,
+                       outputs_dir=settings.state_dir / "outputs")
 
 
 def read_status_file(path: Path) -> dict[str, Any] | None:
@@ -257,8 +261,12 @@ def batch_lines(batch: Mapping[str, Any]) -> list[str]:
     note = "; ".join(f"{f['job_id']}: {f['error']}" for f in failed) or batch["reason"]
     line = (f"  {batch['batch_id']:<7} {cut(batch['name'], 30):<30} {batch['state']:<10} "
             f"{batch['done']:>4}/{batch['total']:<4} {cut(note, 60)}")
-    outputs = output_files(batch["final_outputs"]) if batch["state"] == "done" else []
-    return [line.rstrip()] + [f"          output {path}" for path in outputs]
+    if batch["state"] != "done":
+        return [line.rstrip()]
+    saved = [f"          saved  {path}" + ("" if Path(path).exists() else " (not fetched yet)")
+             for path in batch.get("saved_outputs", [])]
+    return [line.rstrip(), *(f"          output {path}"
+                             for path in output_files(batch["final_outputs"])), *saved]
 
 
 def running_line(job: Mapping[str, Any]) -> str:
@@ -475,6 +483,36 @@ def cmd_command(args: argparse.Namespace, settings: config.Settings, files: Stat
     return 0
 
 
+def read_timeline(files: StateFiles) -> Timeline:
+    """The timeline of the batches accepted in the event log, read without writing."""
+    log = LogReader(files)
+    try:
+        return build_timeline(report.accepted_in(read_records(log)))
+    finally:
+        log.close()
+
+
+def cmd_report(args: argparse.Namespace, settings: config.Settings, files: StateFiles) -> int:
+    """Draw the timeline of the batches asked for (all by default) into ``args.output``."""
+    fmt = report.output_format(args.output)
+    if args.all and args.batch_ids:
+        raise BadInput("name batches or give --all, not both")
+    tl = read_timeline(files)
+    chosen = report.select_batches(tl, args.batch_ids)
+    now = time.time() if daemon_pid(files.lock) is not None else None
+    chart = report.chart(tl, chosen, now)
+    out: Path = args.output
+    publish(report.RENDERERS[fmt](chart).encode(),
+            out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"), out)
+    print(f"{out}: {report.plural(len(chosen), 'batch')}, "
+          f"{report.plural(len(chart.attempts), 'attempt')} on "
+          f"{report.plural(len(chart.lanes), 'instance')}, makespan {chart.makespan:.1f} s")
+    if files.snapshot.exists():
+        print("note: the event log was compacted; batches it held before are not shown",
+              file=sys.stderr)
+    return 0
+
+
 # --- command line -------------------------------------------------------------------------
 
 
@@ -514,6 +552,18 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(command, parents=[common, waits], help=text)
         p.add_argument("batch_id", metavar="BATCH")
         p.set_defaults(run=cmd_command, command=command)
+    p = sub.add_parser("report", parents=[common],
+                       help="timeline of the batches as a Gantt chart per server (.html/.svg)",
+                       description="One lane per server, x in seconds since the first batch "
+                       "shown was accepted; a bar per attempt coloured by kind (hatched red: "
+                       "it did not succeed); a dashed line where each batch's COMBINE gate "
+                       "opened. Reads the event log; never writes it.")
+    p.add_argument("batch_ids", nargs="*", metavar="BATCH", help="batches to show")
+    p.add_argument("--all", action="store_true", help="show every batch (the default)")
+    p.add_argument("-o", "--output", type=Path, default=Path("timeline.html"), metavar="FILE",
+                   help="where to write it: *.html (a page with the chart and a table of "
+                        "the batches) or *.svg (the chart alone); default timeline.html")
+    p.set_defaults(run=cmd_report)
     return parser
 
 
