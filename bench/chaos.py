@@ -161,7 +161,8 @@ def chaos(args: argparse.Namespace, work: Path) -> dict:
 def verify(work: Path, sims: list[SimProcess], kills: int, server_kills: int,
            final_exit: int) -> dict:
     """Judge the run from the servers' ledgers and a replay of the event log."""
-    runs = [dict(r, server=sim.name) for sim in sims for r in read_ledger(sim.ledger)]
+    runs = sorted((dict(r, server=sim.name) for sim in sims for r in read_ledger(sim.ledger)),
+                  key=lambda r: r["start"])
     store = Store.open(EventLog(work / "state"))
     successes = defaultdict(list)
     for run in runs:
