@@ -77,12 +77,15 @@ def hint_for(event: FileSystemEvent) -> SpoolHint | None:
 
 
 class _EventHints(FileSystemEventHandler):
-    def __init__(self, notify: Callable[[SpoolHint], None]) -> None:
+    """Hints for entries of the watched folders only (the watch covers all of spool/)."""
+
+    def __init__(self, notify: Callable[[SpoolHint], None], folders: set[str]) -> None:
         self._notify = notify
+        self._folders = folders
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         hint = hint_for(event)
-        if hint is not None:
+        if hint is not None and os.path.dirname(hint.path) in self._folders:
             self._notify(hint)
 
 
@@ -99,9 +102,10 @@ class _OverflowHints(logging.Handler):
 
 
 class SpoolWatcher:
-    """Watches ``incoming/`` and ``incoming/force/`` (inotify, Linux) and calls ``notify``
-    with a :class:`SpoolHint` from watchdog's threads. Start it before the first scan, so
-    nothing that arrives during that scan goes unnoticed."""
+    """Watches the spool (inotify, Linux) and calls ``notify`` with a :class:`SpoolHint`
+    for what happens in ``incoming/`` and ``incoming/force/``, from watchdog's threads.
+    Start it before the first scan, so nothing that arrives during that scan goes
+    unnoticed."""
 
     def __init__(self, layout: SpoolLayout, notify: Callable[[SpoolHint], None]) -> None:
         self._layout = layout
@@ -113,10 +117,14 @@ class SpoolWatcher:
         """Raises OSError if inotify cannot watch (e.g. the watch limit is reached); the
         loop's periodic scans still find every file then, only later."""
         observer = InotifyObserver(generate_full_events=True)
-        handler = _EventHints(self._notify)
+        folders = {str(self._layout.incoming), str(self._layout.force)}
         try:
-            for directory in (self._layout.incoming, self._layout.force):
-                observer.schedule(handler, str(directory), event_filter=_EVENTS)
+            # One recursive watch on all of spool/, not one per folder: the daemon moves
+            # files from incoming/ to accepted/, and a move whose destination is not in the
+            # same watch arrives unpaired, which watchdog holds back for 0.5 s, delaying
+            # every event queued behind it. In one watch the move pairs at once.
+            observer.schedule(_EventHints(self._notify, folders), str(self._layout.root),
+                              recursive=True, event_filter=_EVENTS)
             observer.start()
         except OSError:
             observer.stop()  # its inotify reader thread runs from construction

@@ -56,6 +56,8 @@ def schedule(ready: Iterable[ReadyJob], instances: Sequence[InstanceView], *, no
              ) -> list[Assignment]:
     """Assign ready jobs to instances for this turn."""
     free = {i.instance_id: i.max_concurrent - i.in_flight for i in instances if i.up}
+    if not any(n > 0 for n in free.values()):
+        return []  # the usual case with a backlog: every server busy, nothing to sort
     combine_slots = combine_concurrency - combines_in_flight
     targets = {kind: _targets(kind, instances, fallback) for kind in JobKind}
     out: list[Assignment] = []
