@@ -6,7 +6,7 @@ the ``batch_accepted`` event and rebuilt from it on replay.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -41,9 +41,15 @@ class JobSpec:
                 "deps": list(self.deps), "params": dict(self.params)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> JobSpec:
-        return cls(d["job_id"], JobKind(d["kind"]), d["chunk"], tuple(d["deps"]),
-                   dict(d["params"]))
+    def from_dict(cls, d: dict[str, Any], shared: dict[str, str] | None = None) -> JobSpec:
+        """``shared`` maps each string value seen so far to one object, so equal params of
+        several jobs are held once (see ``BatchPlan.from_dict``)."""
+        memo = {} if shared is None else shared
+        params = dict(d["params"])
+        for key, value in params.items():
+            if isinstance(value, str):
+                params[key] = memo.setdefault(value, value)
+        return cls(d["job_id"], JobKind(d["kind"]), d["chunk"], tuple(d["deps"]), params)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,14 +66,18 @@ class BatchPlan:
     jobs: tuple[JobSpec, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "jobs"}
         d["jobs"] = [j.to_dict() for j in self.jobs]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BatchPlan:
-        fields = {k: v for k, v in d.items() if k != "jobs"}
-        return cls(**fields, jobs=tuple(JobSpec.from_dict(j) for j in d["jobs"]))
+        """The jobs of a plan repeat its prompts and each chunk's paths. ``plan_batch``
+        shares those strings; a decoded plan would hold a copy per job (measured: over a
+        quarter of a replayed store's memory), so the jobs share them again here."""
+        scalars = {k: v for k, v in d.items() if k != "jobs"}
+        shared: dict[str, str] = {}
+        return cls(**scalars, jobs=tuple(JobSpec.from_dict(j, shared) for j in d["jobs"]))
 
 
 def job_id(batch_id: str, kind: JobKind, chunk: int) -> str:
