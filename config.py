@@ -70,11 +70,19 @@ REQUEST_TIMEOUT = 30        # HTTP read timeout, seconds
 CONNECT_TIMEOUT = 3.05      # HTTP connect timeout, seconds
 WORKFLOWS = {"HIGH": "workflows/demo/high.json", "LOW": "workflows/demo/low.json",
              "COMBINE": "workflows/demo/combine.json"}  # relative to the project dir
+# How a job's input files (HIGH's latent, LOW's chunk video and reference frame, the
+# combined video so far) reach the server that reads them. "http": the daemon downloads
+# each with /view and uploads it with /upload/image; works whatever the servers share.
+# "path": the servers share one output directory (start every ComfyUI with
+# --output-directory ARTIFACT_DIR, or run them from one install) and read files in place.
+ARTIFACT_TRANSFER = "http"
+ARTIFACT_DIR = ""           # "path": that shared directory; "" means STATE_DIR/artifacts
 
 # --- the checked, frozen form -------------------------------------------------------------
 
 JOB_TYPES = tuple(kind.value for kind in JobKind)
 COMBINE_GATES = ("batch", "global")
+ARTIFACT_TRANSFERS = ("http", "path")
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +135,8 @@ class Settings:
     request_timeout: float
     connect_timeout: float
     workflows: Mapping[str, str]
+    artifact_transfer: str
+    artifact_dir: Path
 
 
 # --- single-value checks: (key, value) -> normalised value, or BadConfig ------------------
@@ -183,6 +193,13 @@ def _path(key: str, value: Any) -> Path:
     if not isinstance(value, str | Path) or not str(value).strip():
         _fail(key, value, "must be a non-empty path")
     return Path(value).expanduser()
+
+
+def _optional_path(key: str, value: Any) -> Path | None:
+    """A path, or None for "" (TOML has no null): the caller derives the default."""
+    if isinstance(value, str) and not value.strip():
+        return None
+    return _path(key, value)
 
 
 def _text(key: str, value: Any) -> str:
@@ -258,6 +275,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "FALLBACK": _flag, "STATE_DIR": _path, "INSTANCE_LOST_TIMEOUT": _seconds,
     "HEALTH_INTERVAL": _seconds, "PROBE_BACKOFF_MAX": _seconds, "REQUEST_TIMEOUT": _seconds,
     "CONNECT_TIMEOUT": _seconds, "WORKFLOWS": _workflows,
+    "ARTIFACT_TRANSFER": _choice(*ARTIFACT_TRANSFERS), "ARTIFACT_DIR": _optional_path,
 }
 
 
@@ -348,6 +366,8 @@ def _settings(values: Mapping[str, Any]) -> Settings:
     _check_not_below(values, "PROBE_BACKOFF_MAX", "HEALTH_INTERVAL")
     plain = {key.lower(): value for key, value in values.items()
              if key not in ("COMFYUI_INSTANCES", "SINGLE_INSTANCE_CONFIG")}
+    if plain["artifact_dir"] is None:
+        plain["artifact_dir"] = values["STATE_DIR"] / "artifacts"
     return Settings(instances=instances, **plain)
 
 

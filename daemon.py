@@ -54,6 +54,7 @@ DEMO_DURATIONS = {"HIGH": 0.35, "LOW": 0.35, "COMBINE": 0.08}
 # The demo workflows' stand-ins for samplers: the simulator reports progress for them.
 DEMO_PROGRESS_NODES = frozenset({"EmptyLatentImage", "ImageBlur", "CreateVideo"})
 STATUS_EVERY = 1.0  # seconds between STATUS= updates to systemd
+FETCH_DRAIN = 15.0  # seconds for finished videos to finish downloading at exit (< TimeoutStopSec)
 READY_AT_LATEST = 30.0  # seconds: READY=1 even if a server never answers a reconciliation
 
 
@@ -108,12 +109,14 @@ def opened(settings: config.Settings, **loop_options: object) -> Iterator[Loop]:
                         bytes=event_log.repaired_bytes)
         store = Store.open(event_log, policy_of(settings))
         inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        workflows = load_workflows(settings)
         agents = {i.instance_id: InstanceAgent(
             i, inbox.put, health_interval=settings.health_interval,
             probe_backoff_max=settings.probe_backoff_max,
-            connect_timeout=settings.connect_timeout, read_timeout=settings.request_timeout)
+            connect_timeout=settings.connect_timeout, read_timeout=settings.request_timeout,
+            workflows=[wf for kind, wf in workflows.items() if i.accepts(kind)])
             for i in settings.instances}
-        loop = Loop(settings, store, agents, load_workflows(settings), inbox=inbox,
+        loop = Loop(settings, store, agents, workflows, inbox=inbox,
                     status_path=settings.state_dir / "status.json",
                     daemon_info={"pid": os.getpid(), "started_at": time.time()},
                     **loop_options)
@@ -196,20 +199,25 @@ def _running(agents: Iterator[InstanceAgent] | Sequence[InstanceAgent]) -> Itera
     try:
         yield
     finally:
+        deadline = time.monotonic() + FETCH_DRAIN
+        for agent in started:
+            agent.drain(max(0.0, deadline - time.monotonic()))
         for agent in started:
             agent.stop()
 
 
 @contextlib.contextmanager
 def simulated(settings: config.Settings, durations: dict[str, float]) -> Iterator[None]:
-    """Simulated ComfyUI servers on the configured (loopback) ports."""
+    """Simulated ComfyUI servers on the configured (loopback) ports; with
+    ARTIFACT_TRANSFER = "path" they share ARTIFACT_DIR as their output directory."""
     for i in settings.instances:
         if i.host not in ("127.0.0.1", "localhost", "::1"):
             raise BadConfig(f"--simulate needs loopback hosts; {i.instance_id} is at {i.host}")
     ports = sorted({i.port for i in settings.instances})
     sim_config = SimConfig(durations=durations,
                            progress_nodes=PROGRESS_NODES | DEMO_PROGRESS_NODES)
-    sims = [start_simulator(port, sim_config) for port in ports]
+    shared = settings.artifact_dir if settings.artifact_transfer == "path" else None
+    sims = [start_simulator(port, sim_config, output_dir=shared) for port in ports]
     try:
         yield
     finally:
@@ -220,12 +228,19 @@ def simulated(settings: config.Settings, durations: dict[str, float]) -> Iterato
 # --- dry run -----------------------------------------------------------------------------
 
 
-def dry_run(settings: config.Settings, files: Sequence[Path]) -> int:
+def dry_run(settings: config.Settings, files: Sequence[Path],
+            object_info_file: Path | None = None) -> int:
     """Plan every file and render every job's workflow into STATE_DIR/dry-run/; check the
-    workflows against the node list of a stock ComfyUI. Contacts no server."""
+    workflows against a saved ``/object_info`` (default: a stock ComfyUI's). Contacts no
+    server; input files other jobs write keep their planned names."""
     workflows = load_workflows(settings)
-    object_info = json.loads(OBJECT_INFO.read_text())
-    problems = [p for w in workflows.values() for p in w.check(object_info, server="stock")]
+    source = object_info_file or OBJECT_INFO
+    try:
+        object_info = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BadConfig(f"--object-info {source}: cannot read it: {exc}") from exc
+    server = "stock ComfyUI" if object_info_file is None else str(object_info_file)
+    problems = [p for w in workflows.values() for p in w.check(object_info, server=server)]
     for problem in problems:
         print(f"workflow problem: {problem}", file=sys.stderr)
     out = settings.state_dir / "dry-run"
@@ -263,6 +278,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="render files again even if identical to an earlier batch")
     parser.add_argument("--dry-run", action="store_true",
                         help="write the plan and every rendered workflow; contact no server")
+    parser.add_argument("--object-info", type=Path, metavar="FILE",
+                        help="with --dry-run: check the workflows against this saved "
+                             "/object_info of your server instead of a stock ComfyUI's")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
 
@@ -289,7 +307,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.dry_run:
         setup_logging(None, verbose=args.verbose)
-        return dry_run(settings, args.files)
+        try:
+            return dry_run(settings, args.files, args.object_info)
+        except BadConfig as exc:
+            print(f"comfy-dual: bad configuration: {exc}", file=sys.stderr)
+            return 2
     setup_logging(settings.state_dir / "logs", verbose=args.verbose)
     stop = Stop()
     stop.install()

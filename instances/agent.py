@@ -1,5 +1,7 @@
-"""One ComfyUI server as the daemon sees it: health probing, posting prompts, following
-them over the websocket with ``/history`` polling behind it, and stopping them.
+"""One ComfyUI server as the daemon sees it: health probing, checking the workflows
+against its node list, posting prompts (after copying in the files they read), following
+them over the websocket with ``/history`` polling behind it, stopping them, and fetching
+finished videos.
 
 An agent never changes state. It does the network work on its own threads and reports
 what it learned as messages (the dataclasses below) through ``post``; the daemon's loop,
@@ -11,20 +13,25 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import structlog
 
+from instances.artifacts import Handoff, OutputFile, save_files
 from instances.client import ComfyClient, EventStream, JobOutcome, StreamEvent
+from instances.workflow import Workflow
 from statemachine.errors import ComfyDualError, InstanceUnreachable
 
 log = structlog.get_logger("comfy_dual.instances")
 
 POLL_INTERVAL = 1.0  # seconds between /history checks of prompts in flight
 HISTORY_RACE_RETRIES = 5  # the history entry can trail the "finished" message briefly
+FETCH_ATTEMPTS = 3  # tries to download a finished video before leaving it on the server
 
 
 class InstanceSettings(Protocol):
@@ -44,6 +51,15 @@ class Health:
     instance_id: str
     up: bool
     detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Validated:
+    """The workflows were checked against the server's ``/object_info`` on (re)connection,
+    before its Health(up); ``problems`` is empty when they fit."""
+
+    instance_id: str
+    problems: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,10 +118,12 @@ class InstanceAgent:
     def __init__(self, config: InstanceSettings, post: Callable[[object], None], *,
                  health_interval: float, probe_backoff_max: float,
                  connect_timeout: float, read_timeout: float,
-                 poll_interval: float = POLL_INTERVAL) -> None:
+                 poll_interval: float = POLL_INTERVAL,
+                 workflows: Sequence[Workflow] = ()) -> None:
         self.config = config
         self.instance_id = config.instance_id
         self._post = post
+        self._workflows = tuple(workflows)  # checked against the server's nodes
         self.client = ComfyClient(config.url, connect_timeout=connect_timeout,
                                   read_timeout=read_timeout)
         self.client_id = f"comfy-dual-{uuid.uuid4()}"
@@ -117,6 +135,7 @@ class InstanceAgent:
         self._http = ThreadPoolExecutor(max_workers=4, thread_name_prefix=config.instance_id)
         self._lock = threading.Lock()
         self._following: dict[str, str] = {}  # prompt_id -> job_id, accepted by the server
+        self._fetching: set[futures.Future[None]] = set()  # finished videos being saved
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._monitor = threading.Thread(target=self._watch, daemon=True,
@@ -142,8 +161,9 @@ class InstanceAgent:
     # --- orders from the loop ----------------------------------------------------------
 
     def submit(self, job_id: str, prompt_id: str, graph: Mapping[str, Any],
-               extra_data: Mapping[str, Any]) -> None:
-        self._http.submit(self._submit, job_id, prompt_id, graph, extra_data)
+               extra_data: Mapping[str, Any], handoffs: Sequence[Handoff] = ()) -> None:
+        """Copy in the files the job reads (``handoffs``), then post it."""
+        self._http.submit(self._submit, job_id, prompt_id, graph, extra_data, handoffs)
 
     def check(self, job_id: str, prompt_id: str) -> None:
         """Find out where ``prompt_id`` stands (after a restart or a reconnection)."""
@@ -162,11 +182,30 @@ class InstanceAgent:
         self.forget(prompt_id)
         self._http.submit(self._stop_prompt, prompt_id)
 
+    def download(self, file: OutputFile) -> bytes:
+        """The bytes of a file this server wrote (runs on the caller's thread)."""
+        return self.client.view(file.filename, file.subfolder, file.type)
+
+    def fetch_outputs(self, batch_id: str, files: Sequence[OutputFile], outputs_dir: Path
+                      ) -> None:
+        """Save a finished batch's files under ``outputs_dir/<batch_id>/``."""
+        future = self._http.submit(self._fetch_outputs, batch_id, files, outputs_dir)
+        with self._lock:
+            self._fetching = {f for f in self._fetching if not f.done()} | {future}
+
+    def drain(self, timeout: float) -> None:
+        """Wait (up to ``timeout`` seconds) for finished videos still being fetched."""
+        with self._lock:
+            pending = list(self._fetching)
+        futures.wait(pending, timeout=timeout)
+
     # --- work on the HTTP threads ------------------------------------------------------
 
     def _submit(self, job_id: str, prompt_id: str, graph: Mapping[str, Any],
-                extra_data: Mapping[str, Any]) -> None:
+                extra_data: Mapping[str, Any], handoffs: Sequence[Handoff]) -> None:
         try:
+            for handoff in handoffs:
+                handoff.deliver(self.client.upload)
             number = self.client.submit(graph, prompt_id=prompt_id, client_id=self.client_id,
                                         extra_data=extra_data)
         except ComfyDualError as exc:
@@ -220,6 +259,21 @@ class InstanceAgent:
                 return  # already reported (stream and poller both saw it)
         self._post(Finished(self.instance_id, prompt_id, outcome))
 
+    def _fetch_outputs(self, batch_id: str, files: Sequence[OutputFile], outputs_dir: Path
+                       ) -> None:
+        for attempt in range(1, FETCH_ATTEMPTS + 1):
+            try:
+                saved = save_files(files, self.download, outputs_dir, batch_id)
+            except (ComfyDualError, OSError) as exc:
+                log.warning("⚠️ could not fetch the finished video", batch=batch_id,
+                            instance=self.instance_id, attempt=attempt, error=str(exc),
+                            on_server=[f.relative for f in files])
+                if attempt == FETCH_ATTEMPTS or self._stopping.wait(attempt):
+                    return
+                continue
+            log.info("🎞️ finished video saved", batch=batch_id, files=[str(p) for p in saved])
+            return
+
     def _stop_prompt(self, prompt_id: str) -> None:
         try:
             queue = self.client.queue()
@@ -264,14 +318,25 @@ class InstanceAgent:
             self._wake.wait(min(self._poll_interval, max(0.0, next_probe - time.monotonic())))
 
     def _probe(self) -> bool:
+        """Health check; on each (re)connection the workflows are checked against the
+        server's node list before it is reported up, so nothing is posted to it before."""
         try:
             stats = self.client.system_stats()
+            if self.up is not True:
+                self._post(Validated(self.instance_id, self._validate()))
         except ComfyDualError as exc:
             self._set_health(False, str(exc))
             return False
         version = stats.get("system", {}).get("comfyui_version", "unknown version")
         self._set_health(True, f"ComfyUI {version}")
         return True
+
+    def _validate(self) -> tuple[str, ...]:
+        if not self._workflows:
+            return ()
+        info = self.client.object_info()
+        server = f"{self.instance_id} ({self.config.url})"
+        return tuple(p for wf in self._workflows for p in wf.check(info, server=server))
 
     def _set_health(self, up: bool, detail: str) -> None:
         if up != self.up:

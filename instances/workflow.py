@@ -11,9 +11,25 @@ parameter goes into which node input::
     [drop_when_none]
     ref_image_path = ["12", "9.inputs.image"]   # "12": the whole node; else one input
 
+    [set_when_none.prev_combined_path]          # rewire what a dropped node fed
+    "8.inputs.images" = ["2", 0]
+
+    [params]                                    # values the job does not carry
+    model = "wan2.2_high_noise_14B.safetensors" # bind it like any other parameter
+
+    [produces]                                  # files a job must write: name ->
+    latent_path = "11"                          # the output node that writes it
+
 Values are set by walking the dict (never by string substitution), so prompt text with
 quotes, braces or newlines cannot change the graph. There are no value transforms: bind a
 parameter only to an input whose range holds it (a 64-bit seed to a 64-bit seed input).
+
+``[produces]``: a job whose outputs lack one of these files fails (ComfyUI runs the valid
+part of a partly invalid graph and calls that a success). A name that is also one of the
+planner's artifact parameters is how another job finds the file: producer and reader get
+the same planned path (``latent_path`` of HIGH(k) equals that of LOW(k)), and
+``instances/artifacts.py`` replaces the reader's bound parameter with the file the
+producer's node reported (ComfyUI adds a counter to every file name).
 """
 
 from __future__ import annotations
@@ -22,7 +38,7 @@ import copy
 import json
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +46,7 @@ from statemachine.errors import BadConfig
 
 Bindings = Mapping[str, str | Sequence[str]]
 DropRules = Mapping[str, Sequence[str]]
+SetRules = Mapping[str, Mapping[str, Any]]  # param -> {node input path: value or link}
 
 _SCALARS = (str, int, float, bool)
 
@@ -118,16 +135,17 @@ def _check_no_dangling(graph: Mapping[str, Any], removed: set[str], template_nam
 
 
 def render(template: Mapping[str, Any], bindings: Bindings, params: Mapping[str, Any], *,
-           drop_when_none: DropRules | None = None, template_name: str = "<template>"
-           ) -> dict[str, Any]:
+           drop_when_none: DropRules | None = None, set_when_none: SetRules | None = None,
+           template_name: str = "<template>") -> dict[str, Any]:
     """A deep copy of ``template`` with every bound parameter set at its node input paths.
 
-    A parameter that is None deletes the paths ``drop_when_none`` names for it (first, so
-    that no value lands in a node about to go); a None without a drop rule, a parameter
-    the job lacks or a non-scalar value raises BadConfig.
+    A parameter that is None first deletes the paths ``drop_when_none`` names for it and
+    sets the inputs ``set_when_none`` names (so no value lands in a node about to go, and
+    what a dropped node fed can be rewired); a None without such a rule, a parameter the
+    job lacks or a non-scalar value raises BadConfig.
     """
-    drops = drop_when_none or {}
-    named = sorted(bindings.keys() | drops.keys())
+    drops, sets = drop_when_none or {}, set_when_none or {}
+    named = sorted(bindings.keys() | drops.keys() | sets.keys())
     missing = [p for p in named if p not in params]
     if missing:
         raise BadConfig(f"workflow {template_name!r}: the bindings name parameters the job "
@@ -136,7 +154,7 @@ def render(template: Mapping[str, Any], bindings: Bindings, params: Mapping[str,
     removed: set[str] = set()
     for param in named:
         if params[param] is None:
-            removed |= _apply_drop(graph, param, drops, template_name)
+            removed |= _apply_none(graph, param, drops, sets, template_name)
     for param, spec in bindings.items():
         if params[param] is not None:
             value = _scalar(params[param], param, template_name)
@@ -154,15 +172,17 @@ def _scalar(value: Any, param: str, template_name: str) -> Any:
     return value
 
 
-def _apply_drop(graph: dict[str, Any], param: str, drops: DropRules, template_name: str
-                ) -> set[str]:
-    """Delete what ``drops`` names for ``param``; returns the ids of whole nodes removed."""
-    if param not in drops:
+def _apply_none(graph: dict[str, Any], param: str, drops: DropRules, sets: SetRules,
+                template_name: str) -> set[str]:
+    """Apply the rules for a None ``param``; returns the ids of whole nodes removed."""
+    if param not in drops and param not in sets:
         raise BadConfig(f"workflow {template_name!r}: parameter {param!r} is None and the "
-                        "bindings have no [drop_when_none] rule for it")
-    paths = _paths(drops[param])
+                        "bindings have no [drop_when_none] or [set_when_none] rule for it")
+    paths = _paths(drops.get(param, ()))
     for path in paths:
         _delete(graph, path, template_name)
+    for text, value in sets.get(param, {}).items():
+        _set(graph, NodePath.parse(text), copy.deepcopy(value), template_name)
     return {path.node for path in paths if path.input is None}
 
 
@@ -265,26 +285,68 @@ def check_against_object_info(template: Mapping[str, Any], object_info: Mapping[
     return problems
 
 
+def _produces_problems(template: Mapping[str, Any], produces: Mapping[str, str],
+                       object_info: Mapping[str, Any]) -> Iterator[str]:
+    """A produced artifact must come from an output node: only those report files."""
+    for artifact, node_id in produces.items():
+        class_type = template[node_id].get("class_type")
+        info = object_info.get(class_type)
+        if info is not None and not info.get("output_node"):
+            yield (f"[produces] {artifact} = {node_id!r}, but {class_type} is not an output "
+                   "node, so ComfyUI reports no file for it")
+
+
 # --- workflow files ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class Workflow:
-    """A template with its bindings, loaded from ``<name>.json`` + ``<name>.bindings.toml``."""
+    """A template with its rules, loaded from ``<name>.json`` + ``<name>.bindings.toml``."""
 
     name: str
     template: Mapping[str, Any]
     bindings: Bindings
     drop_when_none: DropRules
+    set_when_none: SetRules = field(default_factory=dict)
+    produces: Mapping[str, str] = field(default_factory=dict)  # file name -> output node
+    params: Mapping[str, Any] = field(default_factory=dict)  # defaults; the job's win
 
     def render(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        return render(self.template, self.bindings, params,
-                      drop_when_none=self.drop_when_none, template_name=self.name)
+        """The graph for one job; the job's parameters win over ``[params]`` values."""
+        return render(self.template, self.bindings, {**self.params, **params},
+                      drop_when_none=self.drop_when_none, set_when_none=self.set_when_none,
+                      template_name=self.name)
+
+    def binds(self, param: str) -> bool:
+        return param in self.bindings
 
     def check(self, object_info: Mapping[str, Any], *, server: str) -> list[str]:
-        return check_against_object_info(self.template, object_info, template_name=self.name,
-                                         server=server, bindings=self.bindings,
-                                         drop_when_none=self.drop_when_none)
+        """Problems of this workflow on a server with this ``/object_info``.
+
+        ``[params]`` values are checked like literals (a model file the server lacks is a
+        COMBO miss), job parameters are not (they change per job); rule paths must be
+        inputs the classes declare; produced artifacts must come from output nodes.
+        """
+        fixed = {p: s for p, s in self.bindings.items() if p in self.params}
+        template = render(self.template, fixed, self.params, template_name=self.name)
+        per_job = {p: s for p, s in self.bindings.items() if p not in self.params}
+        rule_paths = _merged(self.drop_when_none,
+                             {p: tuple(rules) for p, rules in self.set_when_none.items()},
+                             {p: _as_tuple(s) for p, s in fixed.items()})
+        problems = check_against_object_info(template, object_info, template_name=self.name,
+                                             server=server, bindings=per_job,
+                                             drop_when_none=rule_paths)
+        where = f"workflow {self.name!r} on {server}"
+        return problems + [f"{where}: {problem}" for problem in
+                           _produces_problems(self.template, self.produces, object_info)]
+
+
+def _merged(*tables: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {}
+    for table in tables:
+        for param, paths in table.items():
+            out[param] = out.get(param, ()) + tuple(paths)
+    return out
 
 
 def bindings_path(template_path: Path) -> Path:
@@ -312,11 +374,15 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise BadConfig(f"workflow bindings {path}: cannot read it: {exc}") from exc
 
 
-def _string_lists(table: Any, path: Path, key: str) -> dict[str, str | tuple[str, ...]]:
+def _table(table: Any, path: Path, key: str) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise BadConfig(f"workflow bindings {path}: [{key}] must be a table")
+    return table
+
+
+def _string_lists(table: Any, path: Path, key: str) -> dict[str, str | tuple[str, ...]]:
     out: dict[str, str | tuple[str, ...]] = {}
-    for param, spec in table.items():
+    for param, spec in _table(table, path, key).items():
         if isinstance(spec, list) and spec and all(isinstance(s, str) for s in spec):
             out[param] = tuple(spec)
         elif isinstance(spec, str):
@@ -327,31 +393,79 @@ def _string_lists(table: Any, path: Path, key: str) -> dict[str, str | tuple[str
     return out
 
 
+def _set_rules(table: Any, path: Path) -> dict[str, dict[str, Any]]:
+    """``[set_when_none.PARAM]`` tables: node input path -> a scalar or a link."""
+    rules = {}
+    for param, sets in _table(table, path, "set_when_none").items():
+        for target, value in _table(sets, path, f"set_when_none.{param}").items():
+            if not (is_link(value) or isinstance(value, _SCALARS)):
+                raise BadConfig(f"workflow bindings {path}: set_when_none.{param}.{target} "
+                                "must be a value or a link [node_id, output_index]")
+        rules[param] = dict(sets)
+    return rules
+
+
+def _constants(table: Any, path: Path) -> dict[str, Any]:
+    for param, value in _table(table, path, "params").items():
+        if not isinstance(value, _SCALARS):
+            raise BadConfig(f"workflow bindings {path}: params.{param} must be a string, "
+                            "number or boolean")
+    return dict(table)
+
+
+_TABLES = ("bind", "drop_when_none", "set_when_none", "produces", "params")
+
+
 def load_workflow(path: Path) -> Workflow:
-    """Read a template and its sidecar bindings; every bound path must exist in the template."""
+    """Read a template and its sidecar rules; every path they name must be in the template."""
     template = _read_json(path)
     side = bindings_path(path)
     table = _read_toml(side)
-    unknown = set(table) - {"bind", "drop_when_none"}
+    unknown = set(table) - set(_TABLES)
     if unknown:
         raise BadConfig(f"workflow bindings {side}: unknown tables {sorted(unknown)}; "
-                        "expected [bind] and [drop_when_none]")
-    bindings = _string_lists(table.get("bind", {}), side, "bind")
-    drops = {k: _as_tuple(v) for k, v in
-             _string_lists(table.get("drop_when_none", {}), side, "drop_when_none").items()}
-    _check_paths(template, bindings, drops, path.stem)
-    return Workflow(path.stem, template, bindings, drops)
+                        f"expected {', '.join(f'[{t}]' for t in _TABLES)}")
+    wf = Workflow(
+        path.stem, template, _string_lists(table.get("bind", {}), side, "bind"),
+        {k: _as_tuple(v) for k, v in
+         _string_lists(table.get("drop_when_none", {}), side, "drop_when_none").items()},
+        _set_rules(table.get("set_when_none", {}), side),
+        _node_ids(table.get("produces", {}), side),
+        _constants(table.get("params", {}), side))
+    _check_paths(wf)
+    return wf
 
 
-def _check_paths(template: Mapping[str, Any], bindings: Bindings, drops: DropRules,
-                 name: str) -> None:
+def _node_ids(table: Any, path: Path) -> dict[str, str]:
+    out = {}
+    for artifact, node in _string_lists(table, path, "produces").items():
+        if not isinstance(node, str) or NodePath.parse(node).input is not None:
+            raise BadConfig(f"workflow bindings {path}: produces.{artifact} must be one node "
+                            "id (the output node that writes it)")
+        out[artifact] = node
+    return out
+
+
+def _check_paths(wf: Workflow) -> None:
     """Fail at load, not at the first job, when a path names no node or input."""
-    for spec in bindings.values():
+    for spec in wf.bindings.values():
         for node_path in _paths(spec):
-            _set_target(template, node_path, name)
-    for spec in drops.values():
+            _set_target(wf.template, node_path, wf.name)
+    for spec in wf.drop_when_none.values():
         for node_path in _paths(spec):
-            _locate(template, node_path, name)
+            _locate(wf.template, node_path, wf.name)
+    for rules in wf.set_when_none.values():
+        for target, value in rules.items():
+            _set_target(wf.template, NodePath.parse(target), wf.name)
+            if is_link(value) and str(value[0]) not in wf.template:
+                raise BadConfig(f"workflow {wf.name!r}: set_when_none {target} links to node "
+                                f"{value[0]!r}, which is not in the template")
+    for node in wf.produces.values():
+        _locate(wf.template, NodePath(node, None), wf.name)
+    unbound = sorted(set(wf.params) - set(wf.bindings))
+    if unbound:
+        raise BadConfig(f"workflow {wf.name!r}: [params] {unbound} are bound to no input; "
+                        "add them to [bind]")
 
 
 def _as_tuple(spec: str | tuple[str, ...]) -> tuple[str, ...]:

@@ -19,7 +19,25 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from instances.agent import Checked, Finished, Health, Posted, PostFailed, Progress, Started
+from instances.agent import (
+    Checked,
+    Finished,
+    Health,
+    Posted,
+    PostFailed,
+    Progress,
+    Started,
+    Validated,
+)
+from instances.artifacts import (
+    ArtifactMissing,
+    Handoff,
+    OutputFile,
+    Upload,
+    final_files,
+    resolve_inputs,
+    unwritten_artifacts,
+)
 from instances.client import JobOutcome
 from instances.workflow import Workflow
 from service.status import BusyMeter, status_view, write_status_file
@@ -27,13 +45,14 @@ from spool.watcher import SpoolHint
 from statemachine import events as ev
 from statemachine import failpoints
 from statemachine.errors import (
+    BadConfig,
     BadInput,
     ComfyDualError,
     InstanceUnreachable,
     LogWriteError,
     PermanentDispatchError,
 )
-from statemachine.job import BATCH_FINAL, BatchState, Job, JobState
+from statemachine.job import BATCH_FINAL, Batch, BatchState, Job, JobState
 from statemachine.plan import BatchPlan, JobKind
 from statemachine.planner import plan_prompt_file
 from statemachine.rules import cancel_batch, failure_event, retry_batch
@@ -64,10 +83,13 @@ class Agent(Protocol):
     instance_id: str
 
     def submit(self, job_id: str, prompt_id: str, graph: Mapping[str, Any],
-               extra_data: Mapping[str, Any]) -> None: ...
+               extra_data: Mapping[str, Any], handoffs: Sequence[Handoff] = ()) -> None: ...
     def check(self, job_id: str, prompt_id: str) -> None: ...
     def follow(self, job_id: str, prompt_id: str) -> None: ...
     def stop_prompt(self, prompt_id: str) -> None: ...
+    def download(self, file: OutputFile) -> bytes: ...
+    def fetch_outputs(self, batch_id: str, files: Sequence[OutputFile], outputs_dir: Path
+                      ) -> None: ...
 
 
 class Loop:
@@ -89,6 +111,8 @@ class Loop:
         self.reported: set[str] = set()  # instances heard from since start
         self.checking: set[str] = set()  # prompts asked about after a (re)connection
         self.fallback_kinds: frozenset[str] = frozenset()
+        self.unfit: dict[str, tuple[str, ...]] = {}  # instance -> workflow problems there
+        self.outputs_dir = Path(settings.state_dir) / "outputs"
         self.submitted: dict[Path, str | None] = {}  # file -> batch id (None: rejected)
         self.intake = intake
         self._effects: list[Callable[[], None]] = []
@@ -96,7 +120,7 @@ class Loop:
             Health: self._on_health, Posted: self._on_posted, PostFailed: self._on_post_failed,
             Started: self._on_started, Progress: self._on_progress,
             Finished: self._on_finished, Checked: self._on_checked, SubmitFile: self._on_file,
-            SpoolHint: self._on_spool_hint,
+            SpoolHint: self._on_spool_hint, Validated: self._on_validated,
         }
         self.busy = BusyMeter(clock())
         self.status_path = status_path
@@ -119,6 +143,7 @@ class Loop:
         now = self.clock()
         for message in messages:
             self._handlers[type(message)](message, now)
+        self._stop_if_unfit()
         self._expire_lost_instances(now)
         if self.intake is not None and self.log_error is None:
             self.intake.turn(self, now)
@@ -171,7 +196,7 @@ class Loop:
         self._status_written = now
         write_status_file(self.status_path, status_view(
             self.store, self.settings.instances, now=now, progress=self.progress,
-            busy=self.busy.shares(now), daemon=self.daemon_info))
+            busy=self.busy.shares(now), daemon=self.daemon_info, outputs_dir=self.outputs_dir))
 
     def _take(self, timeout: float) -> list[object]:
         try:
@@ -279,15 +304,28 @@ class Loop:
         self._post_prompt(job, now)
 
     def _post_prompt(self, job: Job, now: float) -> None:
-        """Render the job's workflow and post it once this turn is committed; a job whose
-        workflow cannot be rendered fails for good (no attempt could do better)."""
+        """Name the files the job reads as its server will know them, render its workflow,
+        and once this turn is committed copy those files over (if they must be) and post
+        it. A job whose workflow cannot be rendered, or whose input file was never
+        reported, fails for good (no attempt could do better)."""
         try:
-            graph = self.workflows[job.kind].render(job.spec.params)
+            resolved = resolve_inputs(job, (self.store.jobs[d] for d in job.spec.deps),
+                                      self.workflows, target=str(job.instance_id),
+                                      transfer=self.settings.artifact_transfer)
+            graph = self.workflows[job.kind].render(resolved.params)
+            handoffs = [self._handoff(upload) for upload in resolved.uploads]
         except ComfyDualError as exc:
-            self._fail(job, f"workflow cannot be rendered: {exc}", now, permanent=True)
+            self._fail(job, f"cannot prepare the workflow: {exc}", now, permanent=True)
             return
         self.defer(partial(self.agents[job.instance_id].submit, job.job_id, job.prompt_id,
-                           graph, self._extra_data(job)))
+                           graph, self._extra_data(job), handoffs))
+
+    def _handoff(self, upload: Upload) -> Handoff:
+        source = self.agents.get(upload.source)
+        if source is None:
+            raise ArtifactMissing(f"{upload.file.relative} is on {upload.source}, which is no "
+                                  "longer configured")
+        return Handoff(upload, partial(source.download, upload.file))
 
     @staticmethod
     def _extra_data(job: Job) -> dict[str, Any]:
@@ -335,12 +373,18 @@ class Loop:
             self._outcome(job, m.outcome, now)
 
     def _outcome(self, job: Job, outcome: JobOutcome, now: float) -> None:
+        """A success must have written every file its workflow produces: ComfyUI runs the
+        outputs of a partly invalid graph that are valid, and calls that a success."""
         self.progress.pop(job.job_id, None)
-        if outcome.status == "success":
-            self.store.record(ev.JobSucceeded(job.job_id, job.prompt_id, outcome.outputs), now)
-        else:
+        if outcome.status != "success":
             self._fail(job, outcome.error or f"ended {outcome.status} on the server", now,
                        permanent=False)
+        elif unwritten := unwritten_artifacts(self.workflows[job.kind], outcome.outputs):
+            self._fail(job, f"finished without writing {', '.join(unwritten)}: the server ran "
+                            "only part of the graph (see 'prompt accepted with invalid "
+                            "outputs' in the log)", now, permanent=True)
+        else:
+            self.store.record(ev.JobSucceeded(job.job_id, job.prompt_id, outcome.outputs), now)
 
     def _fail(self, job: Job, error: str, now: float, *, permanent: bool) -> None:
         self.progress.pop(job.job_id, None)
@@ -369,6 +413,29 @@ class Loop:
                         job=job.job_id, instance=m.instance_id)
 
     # --- instance health ---------------------------------------------------------------
+
+    def _on_validated(self, m: Validated, now: float) -> None:
+        """The agent checked the workflows against the server's node list before telling
+        it is up, so nothing was posted to it yet."""
+        if not m.problems:
+            self.unfit.pop(m.instance_id, None)
+            log.info(f"🧩 workflows fit instance {m.instance_id}")
+            return
+        self.unfit[m.instance_id] = m.problems
+        for problem in m.problems:
+            log.error(f"❌ {problem}")
+
+    def _stop_if_unfit(self) -> None:
+        """Stop once every instance has answered if a workflow does not fit a server (a
+        missing custom node or model file): a person has to fix it, and every job would
+        fail on it. Before anything was posted at start-up; mid-run, jobs in flight
+        elsewhere go on and are picked up at the next start."""
+        if not self.unfit or not self.started:
+            return
+        self._commit()
+        problems = [p for found in self.unfit.values() for p in found]
+        raise BadConfig(f"the workflows do not fit {', '.join(sorted(self.unfit))}; fix "
+                        "these and start again:\n  " + "\n  ".join(problems))
 
     def _on_health(self, m: Health, now: float) -> None:
         self.reported.add(m.instance_id)
@@ -468,9 +535,18 @@ class Loop:
         elif isinstance(e, (ev.BatchDone, ev.BatchFailed, ev.BatchCancelled)):
             if isinstance(e, ev.BatchDone):
                 log.info("🏁 batch done", batch=e.batch_id, video=subject.plan.name)
+                self._fetch_final(subject)
             else:
                 log.error(f"🏁 batch {subject.state.value}", batch=e.batch_id,
                           video=subject.plan.name, reason=subject.reason)
+
+    def _fetch_final(self, batch: Batch) -> None:
+        """Bring the finished video home, into STATE_DIR/outputs/<batch>/ (agent thread)."""
+        last = batch.jobs[-1]
+        files = final_files(last.outputs)
+        agent = self.agents.get(str(last.instance_id))
+        if files and agent is not None:
+            self.defer(partial(agent.fetch_outputs, batch.batch_id, files, self.outputs_dir))
 
     # --- running ---------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from instances.artifacts import final_files, local_path
 from statemachine.job import JobState
 from statemachine.store import Store
 
@@ -23,10 +24,12 @@ STATUS_VERSION = 1
 def status_view(store: Store, instances: Sequence[Any], *, now: float,
                 progress: Mapping[str, tuple[str, int, int]] | None = None,
                 busy: Mapping[str, float] | None = None,
-                daemon: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                daemon: Mapping[str, Any] | None = None,
+                outputs_dir: Path | None = None) -> dict[str, Any]:
     """Batches (newest last), jobs in flight with their progress, instances, counts.
 
-    ``daemon`` is None when the view comes from a replay with no daemon running.
+    ``daemon`` is None when the view comes from a replay with no daemon running. With
+    ``outputs_dir``, a done batch lists where its finished video is saved locally.
     """
     progress = progress or {}
     busy = busy or {}
@@ -35,15 +38,16 @@ def status_view(store: Store, instances: Sequence[Any], *, now: float,
         "version": STATUS_VERSION,
         "updated_at": now,
         "daemon": dict(daemon) if daemon is not None else None,
-        "batches": [_batch(b) for b in store.batches.values()],
+        "batches": [_batch(b, outputs_dir) for b in store.batches.values()],
         "running": [_job(j, progress.get(j.job_id)) for j in store.in_flight.values()],
         "instances": [_instance(store, i, busy.get(i.instance_id)) for i in instances],
         "counts": {s.value: counts.get(s.value, 0) for s in JobState},
     }
 
 
-def _batch(batch: Any) -> dict[str, Any]:
+def _batch(batch: Any, outputs_dir: Path | None) -> dict[str, Any]:
     plan = batch.plan
+    last = batch.jobs[-1]  # the last COMBINE: the whole video
     return {
         "batch_id": batch.batch_id, "name": plan.name, "source": plan.source,
         "state": batch.state.value, "reason": batch.reason,
@@ -52,7 +56,9 @@ def _batch(batch: Any) -> dict[str, Any]:
         "ended_at": batch.ended_at, "priority": plan.priority,
         "failed_jobs": [{"job_id": j.job_id, "error": j.error} for j in batch.jobs
                         if j.state is JobState.FAILED],
-        "final_outputs": batch.jobs[-1].outputs,  # the last COMBINE: the whole video
+        "final_outputs": last.outputs,
+        "saved_outputs": [str(local_path(outputs_dir, batch.batch_id, f))
+                          for f in final_files(last.outputs)] if outputs_dir else [],
     }
 
 

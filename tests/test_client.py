@@ -17,6 +17,7 @@ import pytest
 import websocket
 from support import wait_for
 
+from instances.artifacts import output_files
 from instances.client import (
     ComfyClient,
     EventStream,
@@ -320,16 +321,24 @@ def test_execution_error_in_both_history_shapes(make_sim: Callable[..., Simulato
 
 
 def test_demo_workflows_run_for_planned_jobs(client: ComfyClient) -> None:
+    """Each job reads the files earlier jobs wrote, by the names the server reported
+    (one server, so in place: ``sub/name [output]``, as instances/artifacts.py does)."""
     spec = PromptSpec(name="demo", frames=20, positive='say "hi" {x}\n', priority=0)
     plan = plan_batch(spec, batch_id="b0001", sha256="ab" * 32, source="demo.txt",
                       frames_per_chunk=10, width=64, height=48)
+    written: dict[str, str] = {}  # planned artifact path -> the file the server wrote
     for job in plan.jobs:
         workflow = load_workflow(DEMO / f"{job.kind.value.lower()}.json")
-        outcome = run(client, workflow.render(job.params),
+        params = {k: written.get(v, v) if isinstance(v, str) else v
+                  for k, v in job.params.items()}
+        outcome = run(client, workflow.render(params),
                       comfy_dual={"kind": job.kind.value, "job_id": job.job_id})
         assert outcome.status == "success", (job.job_id, outcome.error)
+        for artifact, node in workflow.produces.items():
+            if artifact in job.params:  # LOW's low_latent is a must-write, read by no one
+                written[job.params[artifact]] = output_files(outcome.outputs, node)[0].annotated
         files = [f for out in outcome.outputs.values() for key in ("images", "latents")
-                 for f in out.get(key, [])]
+                 for f in out.get(key, []) if f["type"] == "output"]  # not previews
         assert files and all(f["subfolder"] == "b0001-demo" for f in files), outcome.outputs
         assert all(f["filename"].startswith(job.params["output_prefix"].split("/")[1])
                    for f in files)

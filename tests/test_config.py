@@ -59,6 +59,15 @@ def test_defaults_are_the_seed_values():
     assert dict(s.workflows) == {"HIGH": "workflows/demo/high.json",
                                  "LOW": "workflows/demo/low.json",
                                  "COMBINE": "workflows/demo/combine.json"}
+    assert (s.artifact_transfer, s.artifact_dir) == ("http", Path("./var/artifacts"))
+
+
+def test_artifact_dir_follows_state_dir_unless_set(tmp_path):
+    assert load_settings(overrides={"STATE_DIR": tmp_path}).artifact_dir == \
+        tmp_path / "artifacts"
+    path = write(tmp_path, 'ARTIFACT_TRANSFER = "path"\nARTIFACT_DIR = "~/shared"\n')
+    s = load_settings(path)
+    assert (s.artifact_transfer, s.artifact_dir) == ("path", Path("~/shared").expanduser())
 
 
 def test_module_constants_keep_the_seed_shape():
@@ -244,6 +253,8 @@ def test_combine_on_a_disabled_instance_does_not_count():
     ({"DEFAULT_WIDTH": 830}, "DEFAULT_WIDTH = 830: must be a multiple of 16 from 16 to 8192"),
     ({"DEFAULT_HEIGHT": 0}, "DEFAULT_HEIGHT = 0: must be a multiple of 16 from 16 to 8192"),
     ({"STATE_DIR": ""}, "STATE_DIR = '': must be a non-empty path"),
+    ({"ARTIFACT_TRANSFER": "nfs"}, "ARTIFACT_TRANSFER = 'nfs': must be one of 'http', 'path'"),
+    ({"ARTIFACT_DIR": 3}, "ARTIFACT_DIR = 3: must be a non-empty path"),
     ({"WORKFLOWS": ["a.json"]}, "WORKFLOWS = ['a.json']: must be a table of job kind"),
     ({"WORKFLOWS": {"HIGH": 3}}, "WORKFLOWS.HIGH = 3: must be a non-empty string"),
     ({"WORKFLOWS": {"MID": "m.json"}}, "unknown setting WORKFLOWS.MID; known: HIGH, LOW"),
