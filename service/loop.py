@@ -55,7 +55,7 @@ from statemachine.errors import (
 from statemachine.job import BATCH_FINAL, Batch, BatchState, Job, JobState
 from statemachine.plan import BatchPlan, JobKind
 from statemachine.planner import plan_prompt_file
-from statemachine.rules import cancel_batch, failure_event, retry_batch
+from statemachine.rules import cancel_batch, failure_event, retry_batch, settle
 from statemachine.scheduler import schedule
 from statemachine.store import Store
 
@@ -127,7 +127,7 @@ class Loop:
         self.daemon_info = daemon_info
         self._status_written = float("-inf")
         self.log_error: str | None = None  # why the event log cannot be written, if so
-        self._forget_instances_gone_from_config()
+        self._settle_and_forget_gone_instances()
         store.listeners.append(self._narrate)
         store.listeners.append(self._meter)
 
@@ -494,9 +494,12 @@ class Loop:
                             job=job.job_id, instance=instance_id)
             del self.down_since[instance_id]
 
-    def _forget_instances_gone_from_config(self) -> None:
-        """Jobs in flight on an instance no longer configured can only be run again."""
+    def _settle_and_forget_gone_instances(self) -> None:
+        """At start: record the follow-ups a torn last turn may have left out, and send
+        jobs in flight on an instance no longer configured back to ready."""
         now = self.clock()
+        for event in settle(self.store):
+            self.store.record(event, now)
         for job in list(self.store.in_flight.values()):
             if job.instance_id not in self.agents:
                 self.store.record(ev.JobLost(job.job_id, job.prompt_id,

@@ -160,7 +160,9 @@ class MemoryLog:
         self.committed.extend(self.pending)
         self.pending.clear()
 
-    def crash(self) -> None:
+    def crash(self, torn: int = 0) -> None:
+        """Lose the uncommitted turn, except its first ``torn`` lines (a torn write)."""
+        self.committed.extend(self.pending[:torn])
         self.pending.clear()
 
     def compact(self, snapshot: bytes) -> None:

@@ -11,7 +11,16 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from statemachine import events as ev
-from statemachine.job import BATCH_FINAL, JOB_FINAL, Batch, BatchState, Job, JobState, deps_met
+from statemachine.job import (
+    BATCH_FINAL,
+    IN_FLIGHT,
+    JOB_FINAL,
+    Batch,
+    BatchState,
+    Job,
+    JobState,
+    deps_met,
+)
 
 if TYPE_CHECKING:
     from statemachine.store import Policy, Store
@@ -65,13 +74,16 @@ def _after_succeeded(store: Store, e: ev.JobSucceeded) -> Iterator[ev.Event]:
 
 
 def _after_failed(store: Store, e: ev.JobFailed) -> Iterator[ev.Event]:
+    yield from _fail_batch(store, store.jobs[e.job_id], e.error)
+
+
+def _fail_batch(store: Store, job: Job, error: str) -> Iterator[ev.Event]:
     """A failed job cancels the rest of its batch and fails it; other batches go on."""
-    job = store.jobs[e.job_id]
     for other in job.batch.jobs:
         if other.state not in JOB_FINAL:
             yield ev.JobCancelled(other.job_id, f"{job.job_id} failed")
     if job.batch.state not in BATCH_FINAL:
-        yield ev.BatchFailed(job.batch.batch_id, f"{job.job_id} failed: {e.error}")
+        yield ev.BatchFailed(job.batch.batch_id, f"{job.job_id} failed: {error}")
     if job.kind.renders:
         yield from _gates(store, job.batch)
 
@@ -100,6 +112,28 @@ _RULES: dict[type[ev.Event], Callable[[Any, Any], Iterator[ev.Event]]] = {
     ev.JobCancelled: _after_cancelled, ev.BatchGateOpened: _after_gate,
     ev.JobReset: _after_reset, ev.BatchRetried: _after_batch_retried,
 }
+
+
+def settle(store: Store) -> Iterator[ev.Event]:
+    """Every follow-up that is due but missing from the log, after a replay.
+
+    A crash can leave part of a turn on disk (a torn write keeps its first lines): an
+    event can then survive without the events that follow from it by rule. Nothing of that
+    turn reached a server (effects wait for the whole turn's fsync), so recording the
+    missing follow-ups now gives the state the turn would have ended in. Lazy, like
+    ``follow_ups``: each event is computed against the state left by the previous one.
+    """
+    for batch in list(store.open_batches()):
+        failed = next((j for j in batch.jobs if j.state is JobState.FAILED), None)
+        if failed is not None:
+            yield from _fail_batch(store, failed, failed.error or "")
+            continue
+        if batch.state is BatchState.ACCEPTED and any(j.state in IN_FLIGHT for j in batch.jobs):
+            yield ev.BatchStarted(batch.batch_id)
+        yield from _gates(store, batch)
+        yield from _promote(store, batch.jobs)
+        if batch.state is BatchState.COMBINING and batch.combines_left == 0:
+            yield ev.BatchDone(batch.batch_id)
 
 
 # --- decisions the daemon asks for ---------------------------------------------------

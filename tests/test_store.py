@@ -9,7 +9,7 @@ from statemachine import events as ev
 from statemachine.errors import CorruptLog, IllegalTransition
 from statemachine.job import BatchState, JobState
 from statemachine.log import MemoryLog
-from statemachine.rules import cancel_batch, failure_event, retry_batch
+from statemachine.rules import cancel_batch, failure_event, retry_batch, settle
 from statemachine.store import Policy, Store
 
 
@@ -187,3 +187,36 @@ def test_replay_refuses_an_impossible_recorded_move():
     log.committed.append(ev.encode(ev.Recorded(store.seq + 1, 1, ev.BatchDone("a"))))
     with pytest.raises(CorruptLog, match=f"line {len(log.committed)}:.*finish"):
         Store.open(log)
+
+
+def _turn_with(event_for, frames: int, done: list[str]):
+    """A store whose jobs in ``done`` succeeded, the next job in flight, all committed."""
+    log = MemoryLog()
+    store = Store(log, Policy(max_retries=0))
+    store.record(ev.BatchAccepted(make_plan("a", frames=frames)), 0)
+    for job_id in done:
+        run_to_success(store, job_id, "i1", 1)
+    job_id = next(iter(store.ready))
+    dispatch(store, job_id, "i1", 2)
+    store.commit()
+    return log, store, event_for(store.jobs[job_id])
+
+
+@pytest.mark.parametrize("event_for, frames, done", [
+    (lambda j: ev.JobSucceeded(j.job_id, j.prompt_id, {}), 202, ["a/H1"]),  # L1: next H2
+    (lambda j: ev.JobSucceeded(j.job_id, j.prompt_id, {}), 101, ["a/H1"]),  # L1: gate
+    (lambda j: ev.JobSucceeded(j.job_id, j.prompt_id, {}), 101, ["a/H1", "a/L1"]),  # done
+    (lambda j: ev.JobFailed(j.job_id, j.prompt_id, "boom"), 202, []),  # fails the batch
+])
+def test_settle_completes_a_turn_torn_after_its_first_event(event_for, frames, done):
+    log, store, event = _turn_with(event_for, frames, done)
+    store.record(event, 3)
+    whole_turn = store.snapshot()
+    assert len(log.pending) > 1, "the event should have follow-ups"
+    log.crash(torn=1)  # only the event itself reached the disk
+    reopened = Store.open(log, store.policy)
+    assert reopened.snapshot() != whole_turn
+    for follow_up in settle(reopened):
+        reopened.record(follow_up, 3)
+    assert reopened.snapshot() == whole_turn
+    assert list(settle(reopened)) == []
