@@ -64,6 +64,7 @@ COMBINE_CONCURRENCY = 1
 FALLBACK = True             # jobs of a DOWN instance's types may run on any UP instance
 STATE_DIR = "./var"
 INSTANCE_LOST_TIMEOUT = 120  # seconds DOWN before its jobs go back to ready
+JOB_TIMEOUT = 7200          # seconds a render may run before it is interrupted and retried
 HEALTH_INTERVAL = 5         # seconds between health probes of an UP instance
 PROBE_BACKOFF_MAX = 60      # longest wait between probes of a DOWN instance
 REQUEST_TIMEOUT = 30        # HTTP read timeout, seconds
@@ -130,6 +131,7 @@ class Settings:
     fallback: bool
     state_dir: Path
     instance_lost_timeout: float
+    job_timeout: float
     health_interval: float
     probe_backoff_max: float
     request_timeout: float
@@ -273,6 +275,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "MAX_FRAMES": _int_in(1), "DEFAULT_WIDTH": _size, "DEFAULT_HEIGHT": _size,
     "COMBINE_GATE": _choice(*COMBINE_GATES), "COMBINE_CONCURRENCY": _int_in(1),
     "FALLBACK": _flag, "STATE_DIR": _path, "INSTANCE_LOST_TIMEOUT": _seconds,
+    "JOB_TIMEOUT": _seconds,
     "HEALTH_INTERVAL": _seconds, "PROBE_BACKOFF_MAX": _seconds, "REQUEST_TIMEOUT": _seconds,
     "CONNECT_TIMEOUT": _seconds, "WORKFLOWS": _workflows,
     "ARTIFACT_TRANSFER": _choice(*ARTIFACT_TRANSFERS), "ARTIFACT_DIR": _optional_path,

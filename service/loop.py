@@ -51,6 +51,7 @@ from statemachine.errors import (
     InstanceUnreachable,
     LogWriteError,
     PermanentDispatchError,
+    TransientDispatchError,
 )
 from statemachine.job import BATCH_FINAL, Batch, BatchState, Job, JobState
 from statemachine.plan import BatchPlan, JobKind
@@ -123,6 +124,9 @@ class Loop:
             SpoolHint: self._on_spool_hint, Validated: self._on_validated,
         }
         self.busy = BusyMeter(clock())
+        # when each running job started (jobs found running after a restart: from now)
+        self.running_since = {j.job_id: self.busy.start for j in store.in_flight.values()
+                              if j.state is JobState.RUNNING}
         self.status_path = status_path
         self.daemon_info = daemon_info
         self._status_written = float("-inf")
@@ -145,6 +149,7 @@ class Loop:
             self._handlers[type(message)](message, now)
         self._stop_if_unfit()
         self._expire_lost_instances(now)
+        self._expire_hung_jobs(now)
         if self.intake is not None and self.log_error is None:
             self.intake.turn(self, now)
         if self.log_error is None:
@@ -349,9 +354,10 @@ class Loop:
         job = self._flying(m.prompt_id)
         if job is None:
             return
-        if isinstance(m.error, InstanceUnreachable):
+        if isinstance(m.error, InstanceUnreachable | TransientDispatchError):
+            # The server is unreachable or failing (HTTP 5xx): its trouble, not the job's.
             # The POST may or may not have arrived: ask again once the server is back.
-            log.warning("⚠️ could not reach instance to post", job=job.job_id,
+            log.warning("⚠️ could not post to instance", job=job.job_id,
                         instance=m.instance_id, error=str(m.error))
             self._set_health(m.instance_id, False, str(m.error), now)
             return
@@ -494,6 +500,18 @@ class Loop:
                             job=job.job_id, instance=instance_id)
             del self.down_since[instance_id]
 
+    def _expire_hung_jobs(self, now: float) -> None:
+        """A render running longer than JOB_TIMEOUT is interrupted and retried (a server
+        can hang on a job without ever saying so)."""
+        limit = self.settings.job_timeout
+        for job_id, since in list(self.running_since.items()):
+            job = self.store.jobs[job_id]
+            if now - since < limit or job.state is not JobState.RUNNING:
+                continue
+            self.defer(partial(self.agents[job.instance_id].stop_prompt, job.prompt_id))
+            self._fail(job, f"ran longer than JOB_TIMEOUT ({limit:g} s); interrupted", now,
+                       permanent=False)
+
     def _settle_and_forget_gone_instances(self) -> None:
         """At start: record the follow-ups a torn last turn may have left out, and send
         jobs in flight on an instance no longer configured back to ready."""
@@ -513,8 +531,10 @@ class Loop:
         e = rec.event
         if isinstance(e, ev.JobStarted):
             self.busy.job_started(e.job_id, subject.instance_id, rec.ts)
+            self.running_since[e.job_id] = rec.ts
         elif isinstance(e, JOB_ENDINGS):
             self.busy.job_ended(e.job_id, rec.ts)
+            self.running_since.pop(e.job_id, None)
 
     def _narrate(self, rec: ev.Recorded, subject: Any) -> None:
         e = rec.event

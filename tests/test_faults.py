@@ -1,0 +1,65 @@
+"""Servers misbehaving: a render that hangs, and a server answering HTTP 500 for a while.
+Neither may lose a job, render one twice, or wedge the daemon."""
+
+from __future__ import annotations
+
+import threading
+
+from support import wait_for
+from test_end_to_end import prompt_file, settings_for
+
+import daemon
+from statemachine.log import EventLog
+from statemachine.store import read_records
+
+
+def run(settings, files) -> daemon.RunResult:
+    return daemon.run_files(settings, files, daemon.Stop())
+
+
+def event_types(state) -> list[str]:
+    return [r.event.type for r in read_records(EventLog(state))]
+
+
+def test_a_hung_render_is_interrupted_after_job_timeout_and_retried(tmp_path, sims):
+    high, low = sims
+    high.set_faults(hang=True)
+
+    def unhang_after_the_first_timeout():
+        wait_for(lambda: any(r["status"] == "interrupted" for r in high.executions()),
+                 "the hung render interrupted")
+        high.set_faults(hang=False)
+
+    helper = threading.Thread(target=unhang_after_the_first_timeout)
+    helper.start()
+    settings = settings_for(tmp_path / "state", high.port, low.port, JOB_TIMEOUT=0.5)
+    result = run(settings, [prompt_file(tmp_path, "hangs", 101)])
+    helper.join()
+    assert result.all_done
+    first = [r for r in high.executions() if r["job_id"] == "b0001/H1"]
+    assert [r["status"] for r in first] == ["interrupted", "success"]
+    failures = [r.event for r in read_records(EventLog(tmp_path / "state"))
+                if r.event.type == "job_attempt_failed"]
+    assert len(failures) == 1 and "JOB_TIMEOUT" in failures[0].error
+
+
+def test_http_500_for_a_while_delays_but_uses_no_attempt_and_runs_nothing_twice(
+        tmp_path, sims):
+    high, low = sims
+
+    def break_low_for_a_while():
+        wait_for(lambda: low.executions(), "the first LOW job")
+        low.set_faults(http_500=True)  # the next POST /prompt (and probe) get a 500
+        threading.Event().wait(1.0)
+        low.set_faults(http_500=False)
+
+    healer = threading.Thread(target=break_low_for_a_while)
+    healer.start()
+    result = run(settings_for(tmp_path / "state", high.port, low.port, FALLBACK=False),
+                 [prompt_file(tmp_path, "flaky", 303)])
+    healer.join()
+    assert result.all_done
+    types = event_types(tmp_path / "state")
+    assert "job_attempt_failed" not in types and "job_failed" not in types
+    assert "instance_down" in types
+    assert set(high.counts().values()) == {1} and set(low.counts().values()) == {1}
