@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import config
 from service import report
-from service.status import STATUS_VERSION, status_view
+from service.status import STATUS_VERSION, BatchViews, status_view
 from spool.layout import MAX_NAME_BYTES, SpoolLayout
 from statemachine.errors import BadConfig, BadInput, ComfyDualError
 from statemachine.job import BATCH_FINAL
@@ -176,7 +176,7 @@ def replay_view(settings: config.Settings, files: StateFiles) -> dict[str, Any]:
     finally:
         log.close()
     return status_view(store, settings.instances, now=time.time(), daemon=None,
-                       outputs_dir=settings.state_dir / "outputs")
+                       batches=BatchViews(settings.state_dir / "outputs"))
 
 
 def read_status_file(path: Path) -> dict[str, Any] | None:

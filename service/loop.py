@@ -33,6 +33,7 @@ from instances.artifacts import (
     ArtifactMissing,
     Handoff,
     OutputFile,
+    TransferFailed,
     Upload,
     final_files,
     resolve_inputs,
@@ -40,7 +41,7 @@ from instances.artifacts import (
 )
 from instances.client import JobOutcome
 from instances.workflow import Workflow
-from service.status import BusyMeter, status_view, write_status_file
+from service.status import BatchViews, BusyMeter, status_view, write_status_file
 from spool.watcher import SpoolHint
 from statemachine import events as ev
 from statemachine import failpoints
@@ -114,6 +115,7 @@ class Loop:
         self.fallback_kinds: frozenset[str] = frozenset()
         self.unfit: dict[str, tuple[str, ...]] = {}  # instance -> workflow problems there
         self.outputs_dir = Path(settings.state_dir) / "outputs"
+        self.batch_views = BatchViews(self.outputs_dir)
         self.submitted: dict[Path, str | None] = {}  # file -> batch id (None: rejected)
         self.intake = intake
         self._effects: list[Callable[[], None]] = []
@@ -201,7 +203,7 @@ class Loop:
         self._status_written = now
         write_status_file(self.status_path, status_view(
             self.store, self.settings.instances, now=now, progress=self.progress,
-            busy=self.busy.shares(now), daemon=self.daemon_info, outputs_dir=self.outputs_dir))
+            busy=self.busy.shares(now), daemon=self.daemon_info, batches=self.batch_views))
 
     def _take(self, timeout: float) -> list[object]:
         try:
@@ -354,9 +356,12 @@ class Loop:
         job = self._flying(m.prompt_id)
         if job is None:
             return
-        if isinstance(m.error, InstanceUnreachable | TransientDispatchError):
+        server_trouble = isinstance(m.error, InstanceUnreachable | TransientDispatchError)
+        if server_trouble and not isinstance(m.error, TransferFailed):
             # The server is unreachable or failing (HTTP 5xx): its trouble, not the job's.
-            # The POST may or may not have arrived: ask again once the server is back.
+            # The POST may or may not have arrived: ask again once the server is back. (A
+            # file that could not be fetched from the server that wrote it is different:
+            # the receiving server is fine, so that is a failed attempt of the job.)
             log.warning("⚠️ could not post to instance", job=job.job_id,
                         instance=m.instance_id, error=str(m.error))
             self._set_health(m.instance_id, False, str(m.error), now)
@@ -528,6 +533,9 @@ class Loop:
     # --- telling people what happens -------------------------------------------------
 
     def _meter(self, rec: ev.Recorded, subject: Any) -> None:
+        if isinstance(subject, Job | Batch):
+            self.batch_views.touch(subject.batch_id if isinstance(subject, Batch)
+                                   else subject.batch.batch_id)
         e = rec.event
         if isinstance(e, ev.JobStarted):
             self.busy.job_started(e.job_id, subject.instance_id, rec.ts)

@@ -81,6 +81,7 @@ class Store:
         self.instance_up: dict[str, bool] = {}
         self.by_sha256: dict[str, str] = {}
         self.unfinished_renders = 0
+        self.state_counts: Counter[JobState] = Counter()  # jobs in each state
         self.listeners: list[Listener] = []
 
     # --- recording -------------------------------------------------------------------
@@ -143,6 +144,8 @@ class Store:
     def _reindex(self, job: Job, old: JobState, seq: int) -> None:
         """Keep the ready and in-flight indexes and the counters the rules use."""
         new = job.state
+        self.state_counts[old] -= 1
+        self.state_counts[new] += 1
         if old is JobState.READY:
             del self.ready[job.job_id]
         if new is JobState.READY:
@@ -181,6 +184,7 @@ class Store:
         self.batches[plan.batch_id] = batch
         self.by_sha256[plan.sha256] = plan.batch_id  # the latest batch of that file
         self.unfinished_renders += batch.renders_left
+        self.state_counts[JobState.WAITING] += len(batch.jobs)
         return batch
 
     def _move_batch(self, rec: ev.Recorded, trigger: str, live: bool) -> Batch:
