@@ -108,7 +108,7 @@ class Checked:
     instance_id: str
     job_id: str
     prompt_id: str
-    where: Literal["history", "queue", "gone"]
+    where: Literal["history", "running", "queue", "gone"]
     outcome: JobOutcome | None = None
 
 
@@ -224,7 +224,7 @@ class InstanceAgent:
                         prompt_id=prompt_id, error=str(exc))
             self._wake.set()
             return
-        if checked.where == "queue":
+        if checked.where in ("queue", "running"):
             self.follow(job_id, prompt_id)
         self._post(checked)
 
@@ -233,7 +233,10 @@ class InstanceAgent:
         first two looks is found by the third instead of being taken for lost."""
         for look in ("history", "queue", "history"):
             if look == "queue":
-                if prompt_id in self.client.queue():
+                queue = self.client.queue()
+                if prompt_id in queue.running:
+                    return Checked(self.instance_id, job_id, prompt_id, "running")
+                if prompt_id in queue.pending:
                     return Checked(self.instance_id, job_id, prompt_id, "queue")
                 continue
             outcome = self.client.history(prompt_id)
@@ -354,6 +357,9 @@ class InstanceAgent:
                 return
             if checked.where == "history":
                 self._report_finished(prompt_id, checked.outcome)
+            elif checked.where == "running":
+                # the stream may have missed "execution_start" (connected late, dropped)
+                self._post(Started(self.instance_id, prompt_id))
             elif checked.where == "gone":
                 self.forget(prompt_id)
                 self._post(checked)

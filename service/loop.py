@@ -409,9 +409,11 @@ class Loop:
             return
         if m.where == "history":
             self._outcome(job, m.outcome, now)
-        elif m.where == "queue":
+        elif m.where in ("queue", "running"):
             if job.state is JobState.DISPATCHING:
                 self.store.record(ev.JobQueued(job.job_id, m.prompt_id, None), now)
+            if m.where == "running":
+                self._on_started(Started(m.instance_id, m.prompt_id), now)
             log.info("🔗 re-attached to job", job=job.job_id, instance=m.instance_id)
         elif job.state is JobState.DISPATCHING:
             log.info("📤 posting again under the same prompt_id (it never arrived)",
