@@ -5,21 +5,47 @@ Rules, in the order they apply:
 - FIFO by readiness (higher batch priority first), so jobs of different videos interleave
   and no ready job waits behind one that became ready after it.
 - A job waits out its retry backoff (``eligible_at``).
-- Type affinity: a job goes to an UP instance whose ``job_types`` hold its kind, the one
-  with the most free slots (first in configuration order on a tie).
+- Type affinity: a job goes to an UP instance whose ``job_types`` hold its kind and that
+  has a free slot: the one where it is expected to start first, model switches counted
+  (see ``Costs``), then the one with the most free slots, then the first in configuration
+  order. Without estimates (the default ``Costs``) that is the one with the most free slots.
 - Fallback: only when every instance of that type is DOWN (not merely busy) and
   ``fallback`` is on, any UP instance with a free slot takes it.
+- Stealing: then an UP instance with a free slot, no foreign job in flight (one outside
+  its ``job_types``: stolen or fallback) and the job's kind in its ``steal_types`` takes a
+  ready job that no instance of its type could take this turn, the oldest first, if both
+
+  1. the job is expected to start there sooner than on an instance of its type, by more
+     than half its run time, counting the model switches the steal costs the thief (into
+     the job's model, and back to its own afterwards unless it had to switch back
+     anyway): a smaller gain is not worth the risk that the thief's own work, becoming
+     ready meanwhile, waits for the stolen job; and
+  2. the instances of the job's type have more unfinished work each (``unfinished``
+     jobs, ready or not, times their expected durations, shared by the UP instances of
+     their type; COMBINE work by no more than ``combine_concurrency`` of them) than the
+     thief's own kinds (COMBINE too) leave it, even after it took this job and paid
+     those switches: stealing evens out the work left; it never moves work to the
+     server that has more of its own.
+
+  The thief's own kinds were placed first, so it steals only when none of them is
+  waiting, and it holds one stolen job at a time: its own work never waits for more
+  than one. Nothing is stolen without ``unfinished`` counts, nor before ``costs`` lists
+  a duration for the job's kind and for the thief's own render kinds.
 - Capacity: at most ``max_concurrent`` jobs in flight per instance.
 - COMBINE jobs: at most ``combine_concurrency`` in flight in total.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import statistics
+from collections import defaultdict, deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from statemachine.plan import JobKind
+
+LEARN_WINDOW = 31  # observed runs per kind the running medians of ``CostLearner`` look at
 
 
 class ReadyJob(Protocol):
@@ -37,11 +63,40 @@ class ReadyJob(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class InstanceView:
+    """One configured instance as the scheduler sees it this turn.
+
+    ``last_kind`` is the kind of the last job sent to it (what its queue ends with; None if
+    unknown), ``busy_for`` the seconds its jobs in flight are still expected to take (see
+    ``expected_busy``), ``foreign_in_flight`` how many of those are outside ``job_types``.
+    """
+
     instance_id: str
     job_types: frozenset[str]
     max_concurrent: int
     up: bool
     in_flight: int
+    steal_types: frozenset[str] = frozenset()
+    last_kind: str | None = None
+    busy_for: float = 0.0
+    foreign_in_flight: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Costs:
+    """What jobs are expected to cost, in seconds: a run time per kind (``default_duration``
+    for kinds not listed) and the extra time a server takes to run a job of another kind
+    than its previous one (loading that model). The defaults know nothing: every estimate
+    is zero, so the scheduler places by free slots and never steals."""
+
+    durations: Mapping[str, float] = field(default_factory=dict)
+    switch_cost: float = 0.0
+    default_duration: float = 0.0
+
+    def duration(self, kind: str) -> float:
+        return self.durations.get(kind, self.default_duration)
+
+    def switch(self, before: str | None, after: str) -> float:
+        return 0.0 if before == after else self.switch_cost
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,30 +104,69 @@ class Assignment:
     job_id: str
     instance_id: str
     fallback: bool = False
+    stolen: bool = False
 
 
 def schedule(ready: Iterable[ReadyJob], instances: Sequence[InstanceView], *, now: float,
-             fallback: bool, combine_concurrency: int, combines_in_flight: int
+             fallback: bool, combine_concurrency: int, combines_in_flight: int,
+             costs: Costs | None = None, unfinished: Mapping[str, int] | None = None
              ) -> list[Assignment]:
-    """Assign ready jobs to instances for this turn."""
-    free = {i.instance_id: i.max_concurrent - i.in_flight for i in instances if i.up}
-    if not any(n > 0 for n in free.values()):
+    """Assign ready jobs to instances for this turn.
+
+    ``costs`` and ``unfinished`` are what stealing and the cost-aware choice of instance
+    go by; without them jobs go to the instance with the most free slots and nothing is
+    stolen. ``unfinished`` counts, per kind, the jobs not ended yet (waiting, ready or in
+    flight) that are coming: render jobs of open batches, and COMBINE jobs of batches
+    whose gate is open (a closed gate's COMBINE jobs are not work anyone can plan on).
+    """
+    if not any(i.up and i.in_flight < i.max_concurrent for i in instances):
         return []  # the usual case with a backlog: every server busy, nothing to sort
+    turn = _Turn(instances, costs or Costs(), unfinished or {}, combine_concurrency)
     combine_slots = combine_concurrency - combines_in_flight
+    # JobKind is a StrEnum: a kind is its own name wherever a str is looked up
     targets = {kind: _targets(kind, instances, fallback) for kind in JobKind}
+    may_steal = turn.has_thief()
     out: list[Assignment] = []
+    waiting: list[ReadyJob] = []  # eligible, but no instance of their type is free
     for job in sorted(ready, key=_fifo):
-        if not any(n > 0 for n in free.values()):
+        if not turn.has_room():
             break
-        if job.eligible_at > now or (job.kind is JobKind.COMBINE and combine_slots <= 0):
+        kind = job.kind
+        if job.eligible_at > now or (kind is JobKind.COMBINE and combine_slots <= 0):
             continue
-        ids, via_fallback = targets[job.kind]
-        best = max(ids, key=lambda i: free[i], default=None)
-        if best is None or free[best] <= 0:
+        ids, via_fallback = targets[kind]
+        best = turn.first_free(ids, kind)
+        if best is None:
+            if may_steal:
+                waiting.append(job)
             continue
-        free[best] -= 1
-        combine_slots -= job.kind is JobKind.COMBINE
+        turn.take(best, kind, foreign=via_fallback)
+        combine_slots -= kind is JobKind.COMBINE
         out.append(Assignment(job.job_id, best, via_fallback))
+    if waiting and turn.has_thief():
+        out += _steals(waiting, turn, targets, combine_slots)
+    return out
+
+
+def _steals(waiting: Sequence[ReadyJob], turn: _Turn,
+            targets: Mapping[JobKind, tuple[list[str], bool]],
+            combine_slots: int) -> list[Assignment]:
+    """Jobs worth moving to an instance that may steal them. Jobs not stolen queue up
+    (in thought) on their own instances, so the later ones are expected to wait longer."""
+    out: list[Assignment] = []
+    for job in waiting:
+        if not turn.has_thief():
+            break
+        kind = job.kind
+        home_start = turn.expected_start(targets[kind][0], kind)
+        thief = turn.best_thief(kind)
+        blocked = kind is JobKind.COMBINE and combine_slots <= 0
+        if thief is not None and not blocked and turn.worth_stealing(thief, kind, home_start):
+            turn.take(thief, kind, foreign=True)
+            combine_slots -= kind is JobKind.COMBINE
+            out.append(Assignment(job.job_id, thief, stolen=True))
+        else:
+            turn.queue_up(targets[kind][0], kind)
     return out
 
 
@@ -87,3 +181,180 @@ def _targets(kind: JobKind, instances: Sequence[InstanceView],
     if affine or not fallback:
         return affine, False
     return [i.instance_id for i in instances if i.up], True
+
+
+def _home(job_types: frozenset[str]) -> frozenset[str]:
+    """The models an instance is there for: the render kinds it takes (COMBINE is light
+    work any server may do), or all of its kinds if it renders none."""
+    renders = frozenset(k for k in job_types if JobKind(k).renders)
+    return renders or job_types
+
+
+def _work_left(costs: Costs, instances: Sequence[InstanceView],
+               unfinished: Mapping[str, int], combine_concurrency: int) -> dict[str, float]:
+    """Seconds of unfinished work of each kind per UP instance of that type that can work
+    on it at once (inf if there is none): COMBINE work is spread over no more instances
+    than ``combine_concurrency``."""
+    left = {}
+    for kind, count in unfinished.items():
+        holders = sum(1 for i in instances if i.up and kind in i.job_types)
+        if kind == JobKind.COMBINE.value:
+            holders = min(holders, combine_concurrency)
+        work = count * costs.duration(kind)
+        left[kind] = work / holders if holders else (float("inf") if work else 0.0)
+    return left
+
+
+class _Turn:
+    """The instances as this turn's assignments leave them: free slots, when each is
+    expected to be free (``ready_at``, seconds from now), the kind its queue ends with."""
+
+    def __init__(self, instances: Sequence[InstanceView], costs: Costs,
+                 unfinished: Mapping[str, int], combine_concurrency: int) -> None:
+        self.costs = costs
+        self._left = (instances, unfinished, combine_concurrency)  # worked out on demand
+        self._work_left: dict[str, float] | None = None
+        self.order = {i.instance_id: n for n, i in enumerate(instances)}
+        self.free = {i.instance_id: i.max_concurrent - i.in_flight for i in instances if i.up}
+        self.ready_at = {i.instance_id: i.busy_for for i in instances}
+        self.tail = {i.instance_id: i.last_kind for i in instances}
+        self.job_types = {i.instance_id: i.job_types for i in instances}
+        self.home = {i.instance_id: _home(i.job_types) for i in instances}
+        self.steal_types = {i.instance_id: i.steal_types for i in instances}
+        self.foreign = {i.instance_id: i.foreign_in_flight for i in instances}
+
+    def has_room(self) -> bool:
+        return any(n > 0 for n in self.free.values())
+
+    def has_thief(self) -> bool:
+        return any(self._may_steal(i) for i in self.free)
+
+    def _may_steal(self, instance_id: str) -> bool:
+        return (self.free.get(instance_id, 0) > 0 and self.foreign[instance_id] == 0
+                and bool(self.steal_types[instance_id]))
+
+    def offer(self, instance_id: str, kind: str) -> float:
+        """When ``kind`` would start there, plus the switch back to its own models that
+        running it would add (zero if it has to switch back anyway)."""
+        c = self.costs
+        home = self.home[instance_id]
+        tail = self.tail[instance_id]
+        back = c.switch_cost * ((kind not in home) - (tail not in home))
+        return self.ready_at[instance_id] + c.switch(tail, kind) + back
+
+    def worth_stealing(self, thief: str, kind: str, home_start: float) -> bool:
+        """Rules 1 and 2 of stealing (see the module docstring), judged only once the
+        durations of ``kind`` and of the thief's own models are known."""
+        known = self.costs.durations
+        if kind not in known or not self.home[thief] <= known.keys():
+            return False
+        offer = self.offer(thief, kind)
+        left = self.work_left()
+        own = sum(left.get(k, 0.0) for k in self.job_types[thief])
+        cost = offer - self.ready_at[thief]
+        run = self.costs.duration(kind)
+        return offer + run / 2 < home_start and own + cost + run < left.get(kind, 0.0)
+
+    def work_left(self) -> dict[str, float]:
+        if self._work_left is None:
+            self._work_left = _work_left(self.costs, *self._left)
+        return self._work_left
+
+    def first_free(self, ids: Sequence[str], kind: str) -> str | None:
+        """The instance with a free slot where ``kind`` costs least, most free slots next."""
+        free = [i for i in ids if self.free[i] > 0]
+        if len(free) < 2:
+            return free[0] if free else None
+        return min(free, key=lambda i: (self.offer(i, kind), -self.free[i], self.order[i]))
+
+    def best_thief(self, kind: str) -> str | None:
+        thieves = [i for i in self.free if self._may_steal(i) and kind in self.steal_types[i]]
+        return min(thieves, key=lambda i: (self.offer(i, kind), self.order[i]), default=None)
+
+    def expected_start(self, ids: Sequence[str], kind: str) -> float:
+        """When ``kind`` is expected to start on the earliest of ``ids`` (inf if none)."""
+        return min((self._start(i, kind) for i in ids), default=float("inf"))
+
+    def _start(self, instance_id: str, kind: str) -> float:
+        return self.ready_at[instance_id] + self.costs.switch(self.tail[instance_id], kind)
+
+    def take(self, instance_id: str, kind: str, *, foreign: bool) -> None:
+        self.free[instance_id] -= 1
+        self.foreign[instance_id] += foreign
+        self._append(instance_id, kind)
+
+    def queue_up(self, ids: Sequence[str], kind: str) -> None:
+        """Count a job that waits for one of ``ids`` in the one it is expected to get."""
+        if ids:
+            self._append(min(ids, key=lambda i: (self._start(i, kind), self.order[i])), kind)
+
+    def _append(self, instance_id: str, kind: str) -> None:
+        self.ready_at[instance_id] = self._start(instance_id, kind) + self.costs.duration(kind)
+        self.tail[instance_id] = kind
+
+
+# --- the estimates the caller feeds in -------------------------------------------------
+
+
+def expected_busy(queue: Iterable[tuple[str, float | None]], *, now: float,
+                  before: str | None, costs: Costs) -> float:
+    """Seconds an instance's jobs in flight are still expected to take.
+
+    ``queue`` holds them in the order they were sent, as (kind, started_at or None);
+    ``before`` is the kind the instance ran before the first of them (None: unknown). A
+    running job that overran its estimate counts as about to end.
+    """
+    total = 0.0
+    previous = before
+    for kind, started_at in queue:
+        run = costs.switch(previous, kind) + costs.duration(kind)
+        if started_at is not None:
+            run = max(0.0, run - (now - started_at))
+        total += run
+        previous = kind
+    return total
+
+
+class CostLearner:
+    """``Costs`` from observed runs: per kind, a running median of the runs that followed a
+    job of the same kind on their server, and of those that followed another kind; the
+    switch cost is the median gap between the two (unless configured).
+
+    ``prior`` durations stand in for kinds not seen yet; a kind with neither is expected
+    to take as long as the shortest kind seen (not zero: its first jobs would look free).
+    """
+
+    def __init__(self, prior: Mapping[str, float] | None = None,
+                 switch_cost: float | None = None, window: int = LEARN_WINDOW) -> None:
+        self.prior = dict(prior or {})
+        self.configured_switch = switch_cost
+        self._same: defaultdict[str, deque[float]] = defaultdict(lambda: deque(maxlen=window))
+        self._switched: defaultdict[str, deque[float]] = defaultdict(
+            lambda: deque(maxlen=window))
+        self._costs: Costs | None = None
+
+    def observe(self, kind: str, seconds: float, *, switched: bool) -> None:
+        """One finished run of ``kind`` that took ``seconds`` from start to end."""
+        (self._switched if switched else self._same)[kind].append(seconds)
+        self._costs = None
+
+    def costs(self) -> Costs:
+        if self._costs is None:
+            switch = self._switch_cost()
+            durations = dict(self.prior)
+            for kind in set(self._same) | set(self._switched):
+                durations[kind] = self._duration(kind, switch)
+            self._costs = Costs(durations, switch, min(durations.values(), default=0.0))
+        return self._costs
+
+    def _switch_cost(self) -> float:
+        if self.configured_switch is not None:
+            return self.configured_switch
+        gaps = [statistics.median(self._switched[k]) - statistics.median(self._same[k])
+                for k in self._same if self._switched.get(k)]
+        return max(0.0, statistics.median(gaps)) if gaps else 0.0
+
+    def _duration(self, kind: str, switch: float) -> float:
+        if self._same.get(kind):
+            return statistics.median(self._same[kind])
+        return max(0.0, statistics.median(self._switched[kind]) - switch)

@@ -1,6 +1,10 @@
 """Stateful property test of the core: the store, its rules and the scheduler, driven the
 way the daemon drives them, with crashes and replays, checked after every step.
 
+Half the layouts let instances steal (``steal_types``); the scheduler then gets the
+estimates the daemon feeds it (costs, each instance's queue tail and expected busy time,
+unfinished jobs per kind), drawn at the start of each run.
+
 The budget is set by COMFY_DUAL_EXAMPLES (default 200); `make soak` runs it with 2,000.
 """
 
@@ -8,9 +12,10 @@ from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field, replace
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from support import make_plan
@@ -20,7 +25,7 @@ from statemachine.job import IN_FLIGHT, JOB_FINAL, BatchState, JobState
 from statemachine.log import MemoryLog
 from statemachine.plan import JobKind
 from statemachine.rules import cancel_batch, failure_event, retry_batch
-from statemachine.scheduler import InstanceView, schedule
+from statemachine.scheduler import Costs, InstanceView, expected_busy, schedule
 from statemachine.store import Policy, Store
 
 
@@ -29,17 +34,36 @@ class Inst:
     instance_id: str
     job_types: frozenset[str]
     max_concurrent: int
+    steal_types: frozenset[str] = field(default_factory=frozenset)
+
+
+def kinds(*names: str) -> frozenset[str]:
+    return frozenset(names)
 
 
 LAYOUTS = {
-    "dual": (Inst("high", frozenset({"HIGH", "COMBINE"}), 2),
-             Inst("low", frozenset({"LOW", "COMBINE"}), 2)),
-    "single": (Inst("one", frozenset({"HIGH", "LOW", "COMBINE"}), 2),),
-    "three": (Inst("h1", frozenset({"HIGH"}), 1), Inst("h2", frozenset({"HIGH"}), 2),
-              Inst("low", frozenset({"LOW", "COMBINE"}), 1)),
-    "combiner": (Inst("high", frozenset({"HIGH"}), 2), Inst("low", frozenset({"LOW"}), 3),
-                 Inst("mix", frozenset({"COMBINE"}), 1)),
+    "dual": (Inst("high", kinds("HIGH", "COMBINE"), 2),
+             Inst("low", kinds("LOW", "COMBINE"), 2)),
+    "single": (Inst("one", kinds("HIGH", "LOW", "COMBINE"), 2),),
+    "three": (Inst("h1", kinds("HIGH"), 1), Inst("h2", kinds("HIGH"), 2),
+              Inst("low", kinds("LOW", "COMBINE"), 1)),
+    "combiner": (Inst("high", kinds("HIGH"), 2), Inst("low", kinds("LOW"), 3),
+                 Inst("mix", kinds("COMBINE"), 1)),
+    "dual_steal": (Inst("high", kinds("HIGH", "COMBINE"), 2, kinds("LOW")),
+                   Inst("low", kinds("LOW", "COMBINE"), 2, kinds("HIGH"))),
+    "three_steal": (Inst("h1", kinds("HIGH"), 1, kinds("LOW", "COMBINE")),
+                    Inst("h2", kinds("HIGH"), 2),
+                    Inst("low", kinds("LOW", "COMBINE"), 1, kinds("HIGH"))),
+    "combiner_steal": (Inst("high", kinds("HIGH"), 2, kinds("LOW", "COMBINE")),
+                       Inst("low", kinds("LOW"), 3, kinds("HIGH")),
+                       Inst("mix", kinds("COMBINE"), 1, kinds("HIGH", "LOW"))),
 }
+STEALING = sorted(name for name, layout in LAYOUTS.items()
+                  if any(i.steal_types for i in layout))  # drawn twice as often
+COSTS = (None, Costs({"HIGH": 1.0, "LOW": 1.0, "COMBINE": 0.2}),
+         Costs({"HIGH": 1.0, "LOW": 2.0, "COMBINE": 0.2}, switch_cost=0.5),
+         Costs({"HIGH": 1.0, "LOW": 5.0, "COMBINE": 0.1}),
+         Costs({"HIGH": 4.0, "LOW": 1.0}, switch_cost=1.0, default_duration=0.5))
 MAX_BATCHES = 5
 EXAMPLES = int(os.environ.get("COMFY_DUAL_EXAMPLES", "200"))
 
@@ -55,11 +79,13 @@ def may_run(kind: JobKind, view: InstanceView, views, fallback: bool) -> bool:
 
 
 class CoreMachine(RuleBasedStateMachine):
-    @initialize(layout=st.sampled_from(sorted(LAYOUTS)), gate=st.sampled_from(["batch", "global"]),
-                fallback=st.booleans(), combine_concurrency=st.integers(1, 2),
-                max_retries=st.integers(0, 2))
-    def setup(self, layout, gate, fallback, combine_concurrency, max_retries):
+    @initialize(layout=st.sampled_from([*sorted(LAYOUTS), *STEALING]),
+                gate=st.sampled_from(["batch", "global"]), fallback=st.booleans(),
+                combine_concurrency=st.integers(1, 2), max_retries=st.integers(0, 2),
+                costs=st.sampled_from(COSTS))
+    def setup(self, layout, gate, fallback, combine_concurrency, max_retries, costs):
         self.instances = LAYOUTS[layout]
+        self.costs = costs
         self.fallback = fallback
         self.combine_concurrency = combine_concurrency
         self.policy = Policy(max_retries=max_retries, retry_delay=5, retry_delay_max=20,
@@ -68,6 +94,9 @@ class CoreMachine(RuleBasedStateMachine):
         self.now = 0.0
         self.submitted = 0
         self.fallback_jobs: set[str] = set()
+        self.stolen_jobs: set[str] = set()
+        self.last_kind: dict[str, str] = {}  # instance -> kind of the last job sent there
+        self.started_at: dict[str, float] = {}
         self.states: dict[int, dict] = {}
         self._open(Store(self.log, self.policy))
         self.states[0] = self.store.snapshot()
@@ -80,6 +109,8 @@ class CoreMachine(RuleBasedStateMachine):
         store.listeners.append(self._observe)
 
     def _observe(self, rec: ev.Recorded, subject) -> None:
+        if isinstance(rec.event, ev.JobStarted):
+            self.started_at[rec.event.job_id] = rec.ts
         if isinstance(rec.event, ev.BatchGateOpened):
             batch = self.store.batches[rec.event.batch_id]
             assert batch.renders_left == 0, "gate opened before the batch rendered"
@@ -90,23 +121,46 @@ class CoreMachine(RuleBasedStateMachine):
     # --- the daemon's turn: schedule, record intents, commit ---------------------------
 
     def views(self):
-        return self.store.instance_views(self.instances)
+        """What the daemon tells the scheduler about each instance, estimates included."""
+        views = self.store.instance_views(self.instances)
+        return [replace(v, steal_types=inst.steal_types, **self.estimates(inst))
+                for v, inst in zip(views, self.instances, strict=True)]
+
+    def estimates(self, inst: Inst) -> dict:
+        mine = [j for j in self.store.in_flight.values() if j.instance_id == inst.instance_id]
+        queue = [(j.kind.value, self.started_at.get(j.job_id) if j.state is JobState.RUNNING
+                  else None) for j in mine]
+        return {"last_kind": self.last_kind.get(inst.instance_id),
+                "busy_for": expected_busy(queue, now=self.now, before=None,
+                                          costs=self.costs or Costs()),
+                "foreign_in_flight": sum(1 for j in mine if j.kind.value not in inst.job_types)}
+
+    def unfinished(self) -> Counter:
+        """Renders not ended, and COMBINE jobs not ended behind an open gate."""
+        return Counter(j.kind.value for j in self.store.jobs.values() if j.state not in JOB_FINAL
+                       and (j.kind.renders or j.batch.state is BatchState.COMBINING))
 
     def turn(self) -> None:
         views = self.views()
         ready = list(self.store.ready.values())
         picks = schedule(ready, views, now=self.now, fallback=self.fallback,
                          combine_concurrency=self.combine_concurrency,
-                         combines_in_flight=self.store.combines_in_flight())
+                         combines_in_flight=self.store.combines_in_flight(),
+                         costs=self.costs, unfinished=self.unfinished())
         self.check_fifo(picks, ready, views)
+        self.check_steals(picks, ready, views)
         for pick in picks:
             job = self.store.jobs[pick.job_id]
             if pick.fallback:
                 assert self.fallback, "fallback used while FALLBACK is off"
                 assert not any(v.up and job.kind.value in v.job_types for v in views)
+            self.fallback_jobs.discard(pick.job_id)
+            self.stolen_jobs.discard(pick.job_id)
+            if pick.fallback:
                 self.fallback_jobs.add(pick.job_id)
-            else:
-                self.fallback_jobs.discard(pick.job_id)
+            elif pick.stolen:
+                self.stolen_jobs.add(pick.job_id)
+            self.last_kind[pick.instance_id] = job.kind.value
             self.store.record(ev.JobDispatchIntent(pick.job_id, pick.instance_id,
                                                    str(uuid.uuid4())), self.now)
         self.store.commit()
@@ -126,6 +180,35 @@ class CoreMachine(RuleBasedStateMachine):
                     continue  # COMBINE may be held back by its own concurrency limit
                 assert not may_run(other.kind, by_id[instance_id], views, self.fallback), (
                     f"{other.job_id} was ready before {job_id} and skipped")
+
+    def check_steals(self, picks, ready, views) -> None:
+        """A steal takes a job of one of the thief's steal_types that no instance of its
+        type had room for, onto an UP thief that holds no other foreign job and has none
+        of its own (or fallback) work waiting; nothing is stolen without estimates."""
+        by_id = {v.instance_id: v for v in views}
+        picked = {p.job_id for p in picks}
+        free = Counter({v.instance_id: v.max_concurrent - v.in_flight for v in views if v.up})
+        free.subtract(p.instance_id for p in picks)
+        combine_free = (self.store.combines_in_flight() + sum(
+            self.store.jobs[p].kind is JobKind.COMBINE for p in picked)
+            < self.combine_concurrency)
+        steals = [p for p in picks if p.stolen]
+        if steals:
+            event("a job was stolen")  # `pytest --hypothesis-show-statistics` counts them
+        assert self.costs is not None or not steals, "stolen without estimates"
+        assert len({p.instance_id for p in steals}) == len(steals), "two steals at once"
+        for pick in steals:
+            job, thief = self.store.jobs[pick.job_id], by_id[pick.instance_id]
+            assert not pick.fallback and thief.up and thief.foreign_in_flight == 0, pick
+            assert job.kind.value in thief.steal_types, (pick, thief)
+            assert not any(free[v.instance_id] > 0 for v in views
+                           if v.up and job.kind.value in v.job_types), f"{pick}: home had room"
+            for other in ready:
+                if (other.job_id in picked or other.eligible_at > self.now
+                        or (other.kind is JobKind.COMBINE and not combine_free)):
+                    continue
+                assert not may_run(other.kind, thief, views, self.fallback), (
+                    f"{thief.instance_id} stole {job.job_id} while {other.job_id} waited")
 
     # --- rules ---------------------------------------------------------------------------
 
@@ -268,9 +351,15 @@ class CoreMachine(RuleBasedStateMachine):
     def affinity_and_capacity(self):
         for view in self.views():
             assert view.in_flight <= view.max_concurrent, view
+        stolen = Counter()
         for job in self.store.in_flight.values():
             inst = next(i for i in self.instances if i.instance_id == job.instance_id)
-            assert job.kind.value in inst.job_types or job.job_id in self.fallback_jobs
+            if job.job_id in self.stolen_jobs:
+                assert job.kind.value in inst.steal_types, job
+                stolen[inst.instance_id] += 1
+            else:
+                assert job.kind.value in inst.job_types or job.job_id in self.fallback_jobs
+        assert all(n <= 1 for n in stolen.values()), f"more than one stolen job: {stolen}"
 
     @invariant()
     def dependencies_and_gate(self):

@@ -1,0 +1,519 @@
+"""Makespan benchmark: how close each scheduling policy gets to a lower bound.
+
+Run from the repository root (not part of the test suite; about 4 minutes)::
+
+    .venv/bin/python bench/makespan.py              # a table
+    .venv/bin/python bench/makespan.py --json       # one JSON object a line, one per run
+    .venv/bin/python bench/makespan.py --workloads W1 --unit 0.1     # a quick look
+
+The real daemon (``daemon.run_files``: event log with fsync, agents, HTTP, websocket)
+renders each workload on simulated ComfyUI servers, each in its own process; one time
+unit is ``--unit`` seconds and every figure is reported in units. Two servers: ``high``
+takes HIGH, ``low`` takes LOW, both take COMBINE (the default rule), ``max_concurrent`` 2.
+
+Workloads (``FRAMES_PER_CHUNK`` 101, so 500 frames are 5 chunks, 15 jobs):
+
+- W1: four 500-frame videos; HIGH = LOW = 1 unit, COMBINE = 0.2.
+- W2: W1 with LOW = 2 units.
+- W3: twenty videos of 60 to 700 frames (``--seed``), durations of W1.
+- W4: W1 plus a 0.5-unit model switch whenever a server runs a job of another kind than
+  its previous one (and for its very first job: the simulator loads a model then too).
+
+Policies: ``strict-global`` (COMBINE_GATE "global": the seed's phases) and
+``strict-batch`` (COMBINE_GATE "batch") run today's daemon unchanged; ``steal`` runs the
+batch gate with the cost-aware scheduler: ``high`` may steal LOW jobs and ``low`` HIGH
+jobs, with durations and the switch cost learned from the run itself (nothing
+configured). Until the lead wires those inputs into the store and the loop, this file
+feeds them through ``CostAwareLoop``, a subclass of the daemon's loop patched into
+``daemon`` for the ``steal`` runs only. ``single`` (ENABLE_DUAL_INSTANCE = False, one
+server for everything) is the baseline of ``speedup_vs_single``.
+
+Figures, in units, measured from the run's event log:
+
+- ``makespan``: first dispatch to the end of the last batch.
+- ``lower_bound``: the larger of the longest dependency chain (COMBINE jobs after their
+  batch's renders, plus one model load) and the busiest server's required work: the work
+  (plus one load per kind) spread over the servers as evenly as placement allows. With
+  stealing, every server may run every kind, so that is the total over the server count;
+  ``lower_bound_pinned`` is the same bound when each kind stays on its own servers.
+- ``busy``: each server's share of the makespan spent running jobs; ``busy_render``: its
+  share of the render phase (first dispatch to the end of the last HIGH or LOW job).
+- ``stolen``: jobs run outside their server's ``job_types``; ``switches``: model loads per
+  server (kind changes between consecutive runs, the first run included).
+"""
+
+# ruff: noqa: E402 - the repository root goes on sys.path before the project is imported
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import structlog
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import config
+import daemon
+from service.logs import setup_logging
+from service.loop import JOB_ENDINGS, Loop
+from statemachine import events as ev
+from statemachine.job import JOB_FINAL, BatchState
+from statemachine.log import EventLog
+from statemachine.plan import BatchPlan, JobKind
+from statemachine.planner import plan_prompt_file
+from statemachine.scheduler import CostLearner, InstanceView, expected_busy, schedule
+from statemachine.store import Store, read_records
+from statemachine.timeline import Attempt, Timeline, build_timeline, busy_seconds
+
+UNIT = 0.2  # seconds
+SEED = 7
+LAYOUT = (("high", "HIGH"), ("low", "LOW"))  # instance id, the render kind it takes
+STEAL_TYPES = {"high": frozenset({"LOW"}), "low": frozenset({"HIGH"})}
+PROMPT = "A slow dolly shot along an empty beach at sunset, warm golden light"
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    frames: tuple[int, ...]
+    durations: Mapping[str, float]  # units per job, by kind
+    switch_cost: float = 0.0  # units
+
+    def seconds(self, unit: float) -> dict[str, float]:
+        return {kind: units * unit for kind, units in self.durations.items()}
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    gate: str
+    steal: bool = False
+    dual: bool = True
+
+
+POLICIES = (Policy("strict-global", "global"), Policy("strict-batch", "batch"),
+            Policy("steal", "batch", steal=True))
+SINGLE = Policy("single", "batch", dual=False)
+
+
+def workloads(seed: int) -> list[Workload]:
+    w1 = Workload("W1", (500,) * 4, {"HIGH": 1.0, "LOW": 1.0, "COMBINE": 0.2})
+    rng = random.Random(seed)
+    return [w1,
+            dataclasses.replace(w1, name="W2", durations={**w1.durations, "LOW": 2.0}),
+            dataclasses.replace(w1, name="W3",
+                                frames=tuple(rng.randint(60, 700) for _ in range(20))),
+            dataclasses.replace(w1, name="W4", switch_cost=0.5)]
+
+
+# --- the cost-aware scheduler wired into the daemon's loop (this benchmark only) ----------
+
+
+class RunTracker:
+    """What the cost-aware scheduler needs and the store does not keep yet, folded from
+    the events as they are recorded: the kind last sent to each instance, when each job
+    started and whether its server had to switch models for it, and the learned costs."""
+
+    def __init__(self) -> None:
+        self.learner = CostLearner()
+        self.sent: dict[str, str] = {}  # instance -> kind of the last job sent there
+        self.ran: dict[str, tuple[str | None, str]] = {}  # instance -> (kind before, last)
+        self.starts: dict[str, tuple[float, bool]] = {}  # job -> (started at, switched)
+
+    def on_event(self, rec: ev.Recorded, subject: Any) -> None:
+        e = rec.event
+        if isinstance(e, ev.JobDispatchIntent):
+            self.sent[e.instance_id] = subject.kind.value
+        elif isinstance(e, ev.JobStarted):
+            kind = subject.kind.value
+            last = self.ran.get(subject.instance_id, (None, None))[1]
+            self.ran[subject.instance_id] = (last, kind)
+            self.starts[e.job_id] = (rec.ts, last != kind)
+        elif isinstance(e, JOB_ENDINGS) and e.job_id in self.starts:
+            started_at, switched = self.starts.pop(e.job_id)
+            if isinstance(e, ev.JobSucceeded):
+                self.learner.observe(subject.kind.value, rec.ts - started_at,
+                                     switched=switched)
+
+    def view(self, view: InstanceView, store: Store, now: float) -> InstanceView:
+        costs = self.learner.costs()
+        mine = [j for j in store.in_flight.values() if j.instance_id == view.instance_id]
+        queue = [(j.kind.value, self.starts.get(j.job_id, (None,))[0]) for j in mine]
+        before, last = self.ran.get(view.instance_id, (None, None))
+        running = bool(queue) and queue[0][1] is not None
+        return dataclasses.replace(
+            view, steal_types=STEAL_TYPES.get(view.instance_id, frozenset()),
+            last_kind=self.sent.get(view.instance_id),
+            busy_for=expected_busy(queue, now=now, before=before if running else last,
+                                   costs=costs),
+            foreign_in_flight=sum(1 for j in mine if j.kind.value not in view.job_types))
+
+
+def coming_work(store: Store) -> Counter[str]:
+    """Jobs not ended per kind: renders, and COMBINE jobs once their batch's gate opened
+    (counted on every turn here; the store should keep the count)."""
+    return Counter(j.kind.value for b in store.open_batches() for j in b.jobs
+                   if j.state not in JOB_FINAL
+                   and (j.kind.renders or b.state is BatchState.COMBINING))
+
+
+class CostAwareLoop(Loop):
+    """The daemon's loop with stealing on: ``_dispatch`` as in ``service.loop`` plus the
+    inputs of ``RunTracker`` and ``coming_work``. The lead moves these into the store and
+    the loop."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tracker = RunTracker()
+        self.store.listeners.append(self.tracker.on_event)
+
+    def _dispatch(self, now: float) -> None:
+        if not self.started or not self.store.ready:
+            return
+        s = self.settings
+        views = [self.tracker.view(v, self.store, now)
+                 for v in self.store.instance_views(s.instances)]
+        picks = schedule(self.store.ready.values(), views, now=now, fallback=s.fallback,
+                         combine_concurrency=s.combine_concurrency,
+                         combines_in_flight=self.store.combines_in_flight(),
+                         costs=self.tracker.learner.costs(),
+                         unfinished=coming_work(self.store))
+        for pick in picks:
+            self._send(self.store.jobs[pick.job_id], pick.instance_id, now)
+
+
+# --- simulated servers, settings, prompt files -------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def simulators(count: int, durations: Mapping[str, float], switch_cost: float,
+               output_dir: Path) -> Iterator[list[int]]:
+    """``count`` simulator processes sharing ``output_dir``; yields their ports."""
+    procs: list[subprocess.Popen[str]] = []
+    ports = [free_port() for _ in range(count)]
+    try:
+        for port in ports:
+            args = [sys.executable, "-m", "instances.simulator", "--port", str(port),
+                    "--switch-cost", str(switch_cost), "--output-dir", str(output_dir),
+                    *(f"--duration={k}={v}" for k, v in durations.items())]
+            proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, text=True)
+            procs.append(proc)
+            line = proc.stdout.readline() if proc.stdout else ""
+            if "listening" not in line:
+                raise RuntimeError(f"simulator on port {port} did not start: {line!r}")
+        yield ports
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=10)
+
+
+def bench_settings(state_dir: Path, ports: Sequence[int], *, gate: str, dual: bool,
+                   extra: Mapping[str, Any] | None = None) -> config.Settings:
+    """Two instances (``LAYOUT``) on ``ports``, or the single one on the first port;
+    artifacts read in place from the servers' shared output directory."""
+    instances = [{"instance_id": name, "host": "127.0.0.1", "port": port,
+                  "job_types": [kind], "max_concurrent": 2}
+                 for (name, kind), port in zip(LAYOUT, ports, strict=False)]
+    single = {**config.SINGLE_INSTANCE_CONFIG, "port": ports[0]}
+    return config.load_settings(overrides={
+        "STATE_DIR": str(state_dir), "ENABLE_DUAL_INSTANCE": dual, "COMBINE_GATE": gate,
+        "COMFYUI_INSTANCES": instances, "SINGLE_INSTANCE_CONFIG": single,
+        "ARTIFACT_TRANSFER": "path", "ARTIFACT_DIR": str(state_dir / "artifacts"),
+        **(extra or {})})
+
+
+def write_prompts(directory: Path, frames: Sequence[int]) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for n, count in enumerate(frames, start=1):
+        path = directory / f"video_{n:02d}.txt"
+        path.write_text(f"video_{n:02d}\n\n{count}\n\n{PROMPT}, take {n}\n\nblurry\n")
+        paths.append(path)
+    return paths
+
+
+def quiet_logs() -> None:
+    """Warnings and errors on stderr; stdout stays for the results."""
+    setup_logging(None)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+# --- one run -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measured:
+    makespan: float  # units, like everything here
+    render_phase: float
+    busy: dict[str, float]
+    busy_render: dict[str, float]
+    stolen: int
+    switches: dict[str, int]
+    all_done: bool
+
+
+@dataclass(frozen=True)
+class Bench:
+    """What every run of one benchmark shares."""
+
+    unit: float  # seconds in one time unit
+    work: Path  # where state directories go
+    extra: Mapping[str, Any]  # settings on top of ``bench_settings``'s
+    say: Callable[[str], None]  # progress, to stderr
+
+
+def run(bench: Bench, workload: Workload, policy: Policy, files: Sequence[Path],
+        time_limit: float) -> Measured:
+    """Render ``files`` with ``policy`` on fresh simulators and a fresh state dir; stop
+    after ``time_limit`` seconds whatever happens."""
+    state = bench.work / f"{workload.name}-{policy.name}"
+    count = 2 if policy.dual else 1
+    with simulators(count, workload.seconds(bench.unit), workload.switch_cost * bench.unit,
+                    state / "artifacts") as ports:
+        settings = bench_settings(state, ports, gate=policy.gate, dual=policy.dual,
+                                  extra=bench.extra)
+        stop = daemon.Stop()
+        limit = threading.Timer(time_limit, stop.event.set)
+        patch = (mock.patch.object(daemon, "Loop", CostAwareLoop) if policy.steal
+                 else contextlib.nullcontext())
+        limit.start()
+        try:
+            with patch:
+                result = daemon.run_files(settings, files, stop)
+        finally:
+            limit.cancel()
+    log = EventLog(state)
+    try:
+        tl = build_timeline(read_records(log))
+    finally:
+        log.close()
+    return measure(tl, settings.instances, bench.unit, all_done=result.all_done)
+
+
+def measure(tl: Timeline, instances: Sequence[config.InstanceConfig], unit: float, *,
+            all_done: bool) -> Measured:
+    start = min(a.dispatched_at for a in tl.attempts)
+    end = max(b.ended_at or start for b in tl.batches.values())
+    render_end = max(a.ended_at or end for a in tl.attempts if a.kind != "COMBINE")
+    clipped = [_clip(a, render_end) for a in tl.attempts if a.busy_from < render_end]
+    ids = [i.instance_id for i in instances]
+    return Measured(
+        makespan=(end - start) / unit, render_phase=(render_end - start) / unit,
+        busy={i: busy_seconds(tl.attempts, i, until=end) / (end - start) for i in ids},
+        busy_render={i: busy_seconds(clipped, i, until=render_end) / (render_end - start)
+                     for i in ids},
+        stolen=sum(1 for a in tl.attempts for i in instances
+                   if a.instance_id == i.instance_id and not i.accepts(a.kind)),
+        switches={i: _switches(tl.attempts, i) for i in ids}, all_done=all_done)
+
+
+def _clip(attempt: Attempt, until: float) -> Attempt:
+    ended = attempt.ended_at if attempt.ended_at is not None else until
+    return dataclasses.replace(attempt, ended_at=min(ended, until))
+
+
+def _switches(attempts: Sequence[Attempt], instance_id: str) -> int:
+    kinds = [a.kind for a in sorted(attempts, key=lambda a: a.busy_from)
+             if a.instance_id == instance_id]
+    return sum(1 for before, kind in itertools.pairwise([None, *kinds]) if before != kind)
+
+
+# --- the lower bound ---------------------------------------------------------------------
+
+
+def plans_of(files: Sequence[Path], settings: config.Settings) -> list[BatchPlan]:
+    return [plan_prompt_file(path.read_bytes(), path.name, batch_id=f"b{n:04d}",
+                             settings=settings) for n, path in enumerate(files, start=1)]
+
+
+def work_by_kind(plans: Sequence[BatchPlan], durations: Mapping[str, float]
+                 ) -> dict[str, float]:
+    work = dict.fromkeys(durations, 0.0)
+    for job in (j for plan in plans for j in plan.jobs):
+        work[job.kind.value] += durations[job.kind.value]
+    return work
+
+
+def longest_chain(plans: Sequence[BatchPlan], durations: Mapping[str, float]) -> float:
+    """The longest dependency path, COMBINE jobs after every render of their batch."""
+    longest = 0.0
+    for plan in plans:
+        finish: dict[str, float] = {}
+        for job in plan.jobs:
+            after = [finish[d] for d in job.deps]
+            if job.kind is JobKind.COMBINE:
+                after += [finish[j.job_id] for j in plan.jobs if j.kind.renders]
+            finish[job.job_id] = max(after, default=0.0) + durations[job.kind.value]
+        longest = max(longest, *finish.values())
+    return longest
+
+
+def load_bound(work: Mapping[str, float], allowed: Mapping[str, frozenset[str]],
+               switch_cost: float) -> float:
+    """The busiest server's least work: for every set of servers, the work only they may
+    do (plus one model load per kind of it), spread evenly over them."""
+    best = 0.0
+    servers = sorted(allowed)
+    for size in range(1, len(servers) + 1):
+        for group in itertools.combinations(servers, size):
+            kinds = [k for k, units in work.items() if units > 0
+                     and all(s in group for s in servers if k in allowed[s])]
+            best = max(best, (sum(work[k] for k in kinds) + switch_cost * len(kinds)) / size)
+    return best
+
+
+def lower_bounds(workload: Workload, plans: Sequence[BatchPlan],
+                 instances: Sequence[config.InstanceConfig]) -> tuple[float, float]:
+    """(bound when servers may steal, bound when every kind stays on its servers)."""
+    chain = longest_chain(plans, workload.durations) + workload.switch_cost
+    work = work_by_kind(plans, workload.durations)
+    pinned = {i.instance_id: i.job_types for i in instances}
+    stealing = {i: kinds | STEAL_TYPES.get(i, frozenset()) for i, kinds in pinned.items()}
+    return (max(chain, load_bound(work, stealing, workload.switch_cost)),
+            max(chain, load_bound(work, pinned, workload.switch_cost)))
+
+
+# --- the whole benchmark -----------------------------------------------------------------
+
+
+def bench_workload(bench: Bench, workload: Workload, policies: Sequence[Policy]
+                   ) -> list[dict[str, Any]]:
+    files = write_prompts(bench.work / workload.name, workload.frames)
+    settings = bench_settings(bench.work / workload.name, [1, 2], gate="batch", dual=True)
+    plans = plans_of(files, settings)
+    bound, pinned = lower_bounds(workload, plans, settings.instances)
+    # generous: every job one after the other, three times over, plus start-up
+    limit = 3 * bench.unit * sum(work_by_kind(plans, workload.durations).values()) + 60
+    single = timed_run(bench, workload, SINGLE, files, limit)
+    rows = []
+    for policy in policies:
+        m = timed_run(bench, workload, policy, files, limit)
+        rows.append({
+            "workload": workload.name, "policy": policy.name, "unit_s": bench.unit,
+            "makespan": round(m.makespan, 3), "lower_bound": round(bound, 3),
+            "ratio": round(m.makespan / bound, 4), "lower_bound_pinned": round(pinned, 3),
+            "speedup_vs_single": round(single.makespan / m.makespan, 3),
+            "single_makespan": round(single.makespan, 3),
+            "busy": _rounded(m.busy), "busy_render": _rounded(m.busy_render),
+            "render_phase": round(m.render_phase, 3), "stolen": m.stolen,
+            "switches": m.switches, "all_done": m.all_done})
+    return rows
+
+
+def timed_run(bench: Bench, workload: Workload, policy: Policy, files: Sequence[Path],
+              limit: float) -> Measured:
+    began = time.monotonic()
+    m = run(bench, workload, policy, files, limit)
+    bench.say(f"{workload.name} {policy.name:<13} makespan {m.makespan:6.2f} units "
+              f"({time.monotonic() - began:.1f} s){'' if m.all_done else '  NOT ALL DONE'}")
+    return m
+
+
+def _rounded(shares: Mapping[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in shares.items()}
+
+
+def verdicts(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The issue's acceptance targets, each with the measured figure."""
+    by = {(r["workload"], r["policy"]): r for r in rows}
+    out = []
+    w1 = by.get(("W1", "strict-batch"))
+    if w1:
+        out += [_check("W1 strict-batch ratio", w1["ratio"], "<=", 1.05),
+                _check("W1 strict-batch speed-up", w1["speedup_vs_single"], ">=", 1.9),
+                _check("W1 strict-batch min busy_render", min(w1["busy_render"].values()),
+                       ">=", 0.95)]
+    for name, least_gain in (("W1", -0.02), ("W2", 0.15), ("W3", -0.02), ("W4", 0.15)):
+        strict = [by[(name, p)]["makespan"] for p in ("strict-global", "strict-batch")
+                  if (name, p) in by]
+        if strict and (name, "steal") in by:
+            gain = 1 - by[(name, "steal")]["makespan"] / min(strict)
+            out.append(_check(f"{name} steal gain over best strict", round(gain, 4), ">=",
+                              least_gain))
+    return out
+
+
+def _check(what: str, value: float, op: str, target: float) -> str:
+    ok = value <= target if op == "<=" else value >= target
+    return f"{'MET    ' if ok else 'MISSED '} {what}: {value} (target {op} {target})"
+
+
+def render_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    lines = [f"{'':4} {'policy':<14}{'makespan':>9}{'bound':>8}{'ratio':>7}{'pinned':>8}"
+             f"{'x single':>9}  busy (render phase)       stolen  switches"]
+    for r in rows:
+        busy = " ".join(f"{k} {v:.1%}" for k, v in r["busy_render"].items())
+        switches = " ".join(f"{k} {v}" for k, v in r["switches"].items())
+        lines.append(f"{r['workload']:<4} {r['policy']:<14}{r['makespan']:9.2f}"
+                     f"{r['lower_bound']:8.2f}{r['ratio']:7.3f}{r['lower_bound_pinned']:8.2f}"
+                     f"{r['speedup_vs_single']:8.2f}x  {busy:<26}{r['stolen']:>6}  {switches}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="one JSON object a line")
+    parser.add_argument("--unit", type=float, default=UNIT, help="seconds in one time unit")
+    parser.add_argument("--seed", type=int, default=SEED, help="W3's video lengths")
+    parser.add_argument("--workloads", nargs="+", default=["W1", "W2", "W3", "W4"])
+    parser.add_argument("--policies", nargs="+", default=[p.name for p in POLICIES],
+                        choices=[p.name for p in POLICIES])
+    parser.add_argument("--combine-concurrency", type=int, metavar="N",
+                        help="COMBINE_CONCURRENCY for every run (default: config.py's)")
+    args = parser.parse_args(argv)
+    quiet_logs()
+    policies = [p for p in POLICIES if p.name in args.policies]
+    rows: list[dict[str, Any]] = []
+    extra = ({} if args.combine_concurrency is None
+             else {"COMBINE_CONCURRENCY": args.combine_concurrency})
+    with tempfile.TemporaryDirectory(prefix="comfy-dual-makespan-") as tmp:
+        bench = Bench(args.unit, Path(tmp), extra, _say)
+        for workload in (w for w in workloads(args.seed) if w.name in args.workloads):
+            new = bench_workload(bench, workload, policies)
+            rows += new
+            if args.json:
+                for row in new:
+                    print(json.dumps(row), flush=True)
+    if not args.json:
+        print(render_table(rows))
+    for line in verdicts(rows):
+        _say(line)
+    return 0
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
