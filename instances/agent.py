@@ -134,7 +134,8 @@ class InstanceAgent:
         self._poll_interval = poll_interval
         self._http = ThreadPoolExecutor(max_workers=4, thread_name_prefix=config.instance_id)
         self._lock = threading.Lock()
-        self._following: dict[str, str] = {}  # prompt_id -> job_id, accepted by the server
+        self._following: dict[str, str] = {}  # prompt_id -> job_id, posted or being posted
+        self._posting: set[str] = set()  # prompts whose POST has not returned yet
         self._fetching: set[futures.Future[None]] = set()  # finished videos being saved
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -203,17 +204,26 @@ class InstanceAgent:
 
     def _submit(self, job_id: str, prompt_id: str, graph: Mapping[str, Any],
                 extra_data: Mapping[str, Any], handoffs: Sequence[Handoff]) -> None:
+        # Followed before the POST: a short job can start and finish before the POST
+        # returns, and its stream messages must not be dropped. The poller leaves it
+        # alone until the POST returned (it would take it for lost before it arrived).
+        with self._lock:
+            self._following[prompt_id] = job_id
+            self._posting.add(prompt_id)
         try:
             for handoff in handoffs:
                 handoff.deliver(self.client.upload)
             number = self.client.submit(graph, prompt_id=prompt_id, client_id=self.client_id,
                                         extra_data=extra_data)
         except ComfyDualError as exc:
+            self.forget(prompt_id)
             self._post(PostFailed(self.instance_id, job_id, prompt_id, exc))
             if isinstance(exc, InstanceUnreachable):
                 self._wake.set()
             return
-        self.follow(job_id, prompt_id)
+        finally:
+            with self._lock:
+                self._posting.discard(prompt_id)
         self._post(Posted(self.instance_id, job_id, prompt_id, number))
 
     def _check_and_report(self, job_id: str, prompt_id: str) -> None:
@@ -348,7 +358,7 @@ class InstanceAgent:
 
     def _poll(self) -> None:
         with self._lock:
-            following = list(self._following.items())
+            following = [(p, j) for p, j in self._following.items() if p not in self._posting]
         for prompt_id, job_id in following:
             try:
                 checked = self._check(job_id, prompt_id)
