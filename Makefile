@@ -2,7 +2,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench clean
+.PHONY: test demo lint bench chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,8 +23,15 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# Benchmarks and the long crash run: minutes each, never part of `make test`.
 bench: $(STAMP)
 	$(PY) bench/core.py
+	$(PY) bench/intake.py
+	$(PY) bench/makespan.py
+	$(PY) bench/overhead.py
+
+chaos: $(STAMP)
+	$(PY) bench/chaos.py --kills 300 --server-kills 20 --seed 3
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .hypothesis
