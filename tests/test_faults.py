@@ -63,3 +63,22 @@ def test_http_500_for_a_while_delays_but_uses_no_attempt_and_runs_nothing_twice(
     assert "job_attempt_failed" not in types and "job_failed" not in types
     assert "instance_down" in types
     assert set(high.counts().values()) == {1} and set(low.counts().values()) == {1}
+
+
+def test_jobs_of_a_server_gone_for_instance_lost_timeout_move_to_another(tmp_path, sims):
+    high, low = sims
+
+    def kill_low_mid_job():
+        wait_for(lambda: low.executions(), "a LOW job running")
+        low.kill()  # and it never comes back
+
+    killer = threading.Thread(target=kill_low_mid_job)
+    killer.start()
+    settings = settings_for(tmp_path / "state", high.port, low.port, INSTANCE_LOST_TIMEOUT=0.5)
+    result = run(settings, [prompt_file(tmp_path, "moves", 202)])
+    killer.join()
+    assert result.all_done
+    lost = [r.event for r in read_records(EventLog(tmp_path / "state"))
+            if r.event.type == "job_lost"]
+    assert lost and "low_priority unreachable" in lost[0].reason
+    assert any(r["kind"] == "LOW" and r["status"] == "success" for r in high.executions())
