@@ -195,7 +195,6 @@ class ComfyClient:
         # weak: a thread that ends takes its Session with it; close() reaches the rest
         self._sessions: weakref.WeakSet[requests.Session] = weakref.WeakSet()
         self._lock = threading.Lock()
-        self._has_jobs_api: bool | None = None
 
     def __repr__(self) -> str:
         return f"ComfyClient({self.base_url!r})"
@@ -326,20 +325,6 @@ class ComfyClient:
         """POST /upload/image; returns ``{"name", "subfolder", "type"}`` as stored."""
         form = {"subfolder": subfolder, "type": type, "overwrite": str(overwrite).lower()}
         return self._json("POST", "/upload/image", files={"image": (filename, data)}, data=form)
-
-    def jobs_api(self, prompt_id: str) -> dict[str, Any] | None:
-        """GET /api/jobs/<id> on servers that have it; None when absent or the id is unknown.
-
-        A 404 for one id cannot tell "no such job" from "no such endpoint", so the endpoint
-        is probed once through the job list and the answer is remembered.
-        """
-        if self._has_jobs_api is None:
-            resp = self._request("GET", "/api/jobs", ok=(200, 404), params={"limit": 1})
-            self._has_jobs_api = resp.status_code == 200
-        if not self._has_jobs_api:
-            return None
-        resp = self._request("GET", f"/api/jobs/{_seg(prompt_id)}", ok=(200, 404))
-        return _body(resp) if resp.status_code == 200 else None
 
 
 def _rejection(body: Any, resp: requests.Response, base_url: str) -> ComfyDualError:

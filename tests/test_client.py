@@ -386,7 +386,7 @@ def test_closed_port_is_unreachable_never_a_raw_exception() -> None:
     calls: list[Callable[[], Any]] = [
         c.system_stats, c.queue, lambda: c.history("x"), lambda: c.view("a.png"),
         lambda: c.submit(SIMPLE, prompt_id=new_id(), client_id="t"),
-        lambda: c.upload(b"x", "a.png"), lambda: c.interrupt("x"), lambda: c.jobs_api("x"),
+        lambda: c.upload(b"x", "a.png"), lambda: c.interrupt("x"),
     ]
     for call in calls:
         with pytest.raises(InstanceUnreachable, match="ConnectionError"):
@@ -420,11 +420,6 @@ def test_upload_then_view(client: ComfyClient) -> None:
     assert client.view("ref.png", "b0001", type="input") == data
     with pytest.raises(PermanentDispatchError, match="HTTP 404"):
         client.view("missing.png", "b0001", type="input")
-
-
-def test_jobs_api_absent_on_the_simulator(client: ComfyClient) -> None:
-    assert client.jobs_api(new_id()) is None
-    assert client.jobs_api(new_id()) is None
 
 
 def test_client_is_shared_by_threads(client: ComfyClient) -> None:
