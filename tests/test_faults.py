@@ -13,12 +13,19 @@ from statemachine.log import EventLog
 from statemachine.store import read_records
 
 
-def run(settings, files) -> daemon.RunResult:
-    return daemon.run_files(settings, files, daemon.Stop())
+def run_while(action, settings, files) -> daemon.RunResult:
+    """Run the files to the end while ``action`` misbehaves a server on another thread."""
+    thread = threading.Thread(target=action)
+    thread.start()
+    try:
+        return daemon.run_files(settings, files, daemon.Stop())
+    finally:
+        thread.join()
 
 
-def event_types(state) -> list[str]:
-    return [r.event.type for r in read_records(EventLog(state))]
+def events(state, type_: str | None = None) -> list:
+    return [r.event for r in read_records(EventLog(state))
+            if type_ is None or r.event.type == type_]
 
 
 def test_a_hung_render_is_interrupted_after_job_timeout_and_retried(tmp_path, sims):
@@ -30,16 +37,13 @@ def test_a_hung_render_is_interrupted_after_job_timeout_and_retried(tmp_path, si
                  "the hung render interrupted")
         high.set_faults(hang=False)
 
-    helper = threading.Thread(target=unhang_after_the_first_timeout)
-    helper.start()
     settings = settings_for(tmp_path / "state", high.port, low.port, JOB_TIMEOUT=0.5)
-    result = run(settings, [prompt_file(tmp_path, "hangs", 101)])
-    helper.join()
+    result = run_while(unhang_after_the_first_timeout, settings,
+                       [prompt_file(tmp_path, "hangs", 101)])
     assert result.all_done
     first = [r for r in high.executions() if r["job_id"] == "b0001/H1"]
     assert [r["status"] for r in first] == ["interrupted", "success"]
-    failures = [r.event for r in read_records(EventLog(tmp_path / "state"))
-                if r.event.type == "job_attempt_failed"]
+    failures = events(tmp_path / "state", "job_attempt_failed")
     assert len(failures) == 1 and "JOB_TIMEOUT" in failures[0].error
 
 
@@ -53,13 +57,10 @@ def test_http_500_for_a_while_delays_but_uses_no_attempt_and_runs_nothing_twice(
         threading.Event().wait(1.0)
         low.set_faults(http_500=False)
 
-    healer = threading.Thread(target=break_low_for_a_while)
-    healer.start()
-    result = run(settings_for(tmp_path / "state", high.port, low.port, FALLBACK=False),
-                 [prompt_file(tmp_path, "flaky", 303)])
-    healer.join()
+    settings = settings_for(tmp_path / "state", high.port, low.port, FALLBACK=False)
+    result = run_while(break_low_for_a_while, settings, [prompt_file(tmp_path, "flaky", 303)])
     assert result.all_done
-    types = event_types(tmp_path / "state")
+    types = [e.type for e in events(tmp_path / "state")]
     assert "job_attempt_failed" not in types and "job_failed" not in types
     assert "instance_down" in types
     assert set(high.counts().values()) == {1} and set(low.counts().values()) == {1}
@@ -72,13 +73,9 @@ def test_jobs_of_a_server_gone_for_instance_lost_timeout_move_to_another(tmp_pat
         wait_for(lambda: low.executions(), "a LOW job running")
         low.kill()  # and it never comes back
 
-    killer = threading.Thread(target=kill_low_mid_job)
-    killer.start()
     settings = settings_for(tmp_path / "state", high.port, low.port, INSTANCE_LOST_TIMEOUT=0.5)
-    result = run(settings, [prompt_file(tmp_path, "moves", 202)])
-    killer.join()
+    result = run_while(kill_low_mid_job, settings, [prompt_file(tmp_path, "moves", 202)])
     assert result.all_done
-    lost = [r.event for r in read_records(EventLog(tmp_path / "state"))
-            if r.event.type == "job_lost"]
+    lost = events(tmp_path / "state", "job_lost")
     assert lost and "low_priority unreachable" in lost[0].reason
     assert any(r["kind"] == "LOW" and r["status"] == "success" for r in high.executions())
