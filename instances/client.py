@@ -6,7 +6,8 @@ Every failure leaves the client as a comfy-dual error, never a raw ``requests`` 
 - the server cannot be reached (refused, reset, timed out) -> ``InstanceUnreachable``;
 - it refused the graph (400 with ``node_errors``) -> ``WorkflowRejected``, a
   ``PermanentDispatchError`` carrying the parsed body;
-- any other 4xx -> ``PermanentDispatchError``; 5xx -> ``TransientDispatchError``.
+- any other 4xx -> ``PermanentDispatchError``; 5xx -> ``ServerError`` (a
+  ``TransientDispatchError`` the caller treats as the server's trouble).
 
 A read timeout on ``submit`` does not say whether the server queued the prompt: the caller
 must look the prompt_id up in ``history()`` and ``queue()`` before posting it again.
@@ -38,7 +39,7 @@ from statemachine.errors import (
     ComfyDualError,
     InstanceUnreachable,
     PermanentDispatchError,
-    TransientDispatchError,
+    ServerError,
 )
 
 log = structlog.get_logger(__name__)
@@ -180,7 +181,7 @@ def _status_error(resp: requests.Response, what: str) -> ComfyDualError:
     text = resp.text.strip().replace("\n", " ")[:300] or "(empty body)"
     message = f"{what} -> HTTP {resp.status_code}: {text}"
     if resp.status_code >= 500:
-        return TransientDispatchError(message)
+        return ServerError(message)
     return PermanentDispatchError(message)
 
 
@@ -238,7 +239,7 @@ class ComfyClient:
         resp = self._request(method, path, **kwargs)
         body = _body(resp)
         if body is None:
-            raise TransientDispatchError(f"{method} {self.base_url}{path}: expected JSON, got "
+            raise ServerError(f"{method} {self.base_url}{path}: expected JSON, got "
                                          f"{resp.text[:200]!r}")
         return body
 
@@ -266,7 +267,7 @@ class ComfyClient:
         if resp.status_code == 400:
             raise _rejection(body, resp, self.base_url)
         if not isinstance(body, dict) or "number" not in body:
-            raise TransientDispatchError(f"POST {self.base_url}/prompt: unexpected answer "
+            raise ServerError(f"POST {self.base_url}/prompt: unexpected answer "
                                          f"{resp.text[:200]!r}")
         self._check_accepted(body, prompt_id)
         return int(body["number"])
@@ -283,12 +284,12 @@ class ComfyClient:
                         prompt_id=prompt_id, errors=node_errors_text(body["node_errors"]))
 
     def _get_parsed(self, path: str, parse: Callable[[Any], T]) -> T:
-        """GET ``path`` and parse the JSON; an unexpected shape is a TransientDispatchError."""
+        """GET ``path`` and parse the JSON; an unexpected shape is a ServerError."""
         body = self._json("GET", path)
         try:
             return parse(body)
         except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
-            raise TransientDispatchError(f"GET {self.base_url}{path}: answer in an unknown "
+            raise ServerError(f"GET {self.base_url}{path}: answer in an unknown "
                                          f"shape ({exc!r}): {str(body)[:200]}") from exc
 
     def history(self, prompt_id: str) -> JobOutcome | None:

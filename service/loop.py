@@ -33,7 +33,6 @@ from instances.artifacts import (
     ArtifactMissing,
     Handoff,
     OutputFile,
-    TransferFailed,
     Upload,
     final_files,
     resolve_inputs,
@@ -52,7 +51,7 @@ from statemachine.errors import (
     InstanceUnreachable,
     LogWriteError,
     PermanentDispatchError,
-    TransientDispatchError,
+    ServerError,
 )
 from statemachine.job import BATCH_FINAL, Batch, BatchState, Job, JobState
 from statemachine.plan import BatchPlan, JobKind
@@ -356,12 +355,9 @@ class Loop:
         job = self._flying(m.prompt_id)
         if job is None:
             return
-        server_trouble = isinstance(m.error, InstanceUnreachable | TransientDispatchError)
-        if server_trouble and not isinstance(m.error, TransferFailed):
+        if isinstance(m.error, InstanceUnreachable | ServerError):
             # The server is unreachable or failing (HTTP 5xx): its trouble, not the job's.
-            # The POST may or may not have arrived: ask again once the server is back. (A
-            # file that could not be fetched from the server that wrote it is different:
-            # the receiving server is fine, so that is a failed attempt of the job.)
+            # The POST may or may not have arrived: ask again once the server is back.
             log.warning("⚠️ could not post to instance", job=job.job_id,
                         instance=m.instance_id, error=str(m.error))
             self._set_health(m.instance_id, False, str(m.error), now)

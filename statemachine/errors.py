@@ -29,6 +29,11 @@ class TransientDispatchError(ComfyDualError):
     """The job failed in a way that may succeed on another attempt (execution error)."""
 
 
+class ServerError(TransientDispatchError):
+    """The server answered with a failure of its own (HTTP 5xx, an answer that cannot be
+    read): a problem of the instance, not of the job, like ``InstanceUnreachable``."""
+
+
 class InstanceUnreachable(ComfyDualError):
     """The server could not be reached: a problem of the instance, not of the job."""
 
