@@ -78,6 +78,15 @@ WORKFLOWS = {"HIGH": "workflows/demo/high.json", "LOW": "workflows/demo/low.json
 # --output-directory ARTIFACT_DIR, or run them from one install) and read files in place.
 ARTIFACT_TRANSFER = "http"
 ARTIFACT_DIR = ""           # "path": that shared directory; "" means STATE_DIR/artifacts
+# Stealing (off unless an instance lists "steal_types"): an instance whose own work has
+# run out may take a ready job of a kind in its steal_types when that job would wait
+# longer for its own instances than the model switches cost, e.g. a HIGH server helps
+# with LOW jobs when LOW takes twice as long: steal_types = ["LOW"]. Run times and the
+# switch cost are learned from the runs; JOB_DURATIONS (seconds per kind, e.g.
+# {"HIGH" = 300, "LOW" = 600}) stands in until a kind has run, and a number of seconds
+# for SWITCH_COST replaces the learned one.
+JOB_DURATIONS: dict[str, float] = {}
+SWITCH_COST: float | str = "learn"
 
 # --- the checked, frozen form -------------------------------------------------------------
 
@@ -96,6 +105,7 @@ class InstanceConfig:
     job_types: frozenset[str]
     max_concurrent: int
     enabled: bool
+    steal_types: frozenset[str] = frozenset()
 
     @property
     def url(self) -> str:
@@ -139,6 +149,8 @@ class Settings:
     workflows: Mapping[str, str]
     artifact_transfer: str
     artifact_dir: Path
+    job_durations: Mapping[str, float]
+    switch_cost: float | None  # None: learned from the runs
 
 
 # --- single-value checks: (key, value) -> normalised value, or BadConfig ------------------
@@ -210,14 +222,33 @@ def _text(key: str, value: Any) -> str:
     return value
 
 
-def _job_types(key: str, value: Any) -> frozenset[str]:
+def _kinds(*, empty: bool) -> Callable[[str, Any], frozenset[str]]:
+    """A list of job kinds (possibly empty if ``empty``)."""
     allowed = ", ".join(map(repr, JOB_TYPES))
-    if isinstance(value, str) or not isinstance(value, Sequence) or not value:
-        _fail(key, value, f"must be a non-empty list of {allowed}")
-    unknown = [v for v in value if v not in JOB_TYPES]
-    if unknown:
-        _fail(key, value, f"unknown job type {unknown[0]!r}; allowed: {allowed}")
-    return frozenset(value)
+
+    def check(key: str, value: Any) -> frozenset[str]:
+        if isinstance(value, str) or not isinstance(value, Sequence) or not (value or empty):
+            _fail(key, value, f"must be a {'' if empty else 'non-empty '}list of {allowed}")
+        unknown = [v for v in value if v not in JOB_TYPES]
+        if unknown:
+            _fail(key, value, f"unknown job type {unknown[0]!r}; allowed: {allowed}")
+        return frozenset(value)
+    return check
+
+
+def _job_durations(key: str, value: Any) -> Mapping[str, float]:
+    if not isinstance(value, Mapping):
+        _fail(key, value, f"must be a table of job kind ({', '.join(JOB_TYPES)}) -> seconds")
+    _reject_unknown(value, JOB_TYPES, f"{key}.")
+    return MappingProxyType({kind: _seconds(f"{key}.{kind}", v) for kind, v in value.items()})
+
+
+def _switch_cost(key: str, value: Any) -> float | None:
+    if value == "learn":
+        return None
+    if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value) or value < 0:
+        _fail(key, value, '"learn", or the seconds a server takes to change models (>= 0)')
+    return float(value)
 
 
 def _workflows(key: str, value: Any) -> Mapping[str, str]:
@@ -246,8 +277,9 @@ def _host(key: str, value: Any) -> str:
 
 _INSTANCE_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "instance_id": _instance_id, "host": _host, "port": _int_in(1, 65535),
-    "job_types": _job_types, "max_concurrent": _int_in(1), "enabled": _flag}
-_INSTANCE_DEFAULTS = {"max_concurrent": 2, "enabled": True}
+    "job_types": _kinds(empty=False), "max_concurrent": _int_in(1), "enabled": _flag,
+    "steal_types": _kinds(empty=True)}
+_INSTANCE_DEFAULTS = {"max_concurrent": 2, "enabled": True, "steal_types": []}
 
 
 def _instance(key: str, value: Any) -> InstanceConfig:
@@ -258,8 +290,14 @@ def _instance(key: str, value: Any) -> InstanceConfig:
     missing = [name for name in _INSTANCE_CHECKS if name not in fields]
     if missing:
         _fail(key, dict(value), f"missing {', '.join(missing)}")
-    return InstanceConfig(**{name: check(f"{key}.{name}", fields[name])
+    inst = InstanceConfig(**{name: check(f"{key}.{name}", fields[name])
                              for name, check in _INSTANCE_CHECKS.items()})
+    both = sorted(inst.steal_types & inst.job_types)
+    if both:
+        _fail(f"{key}.steal_types", sorted(inst.steal_types),
+              f"{both[0]!r} is in its job_types already: list there only the kinds it may "
+              f"take from other instances")
+    return inst
 
 
 def _instance_list(key: str, value: Any) -> tuple[InstanceConfig, ...]:
@@ -279,6 +317,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "HEALTH_INTERVAL": _seconds, "PROBE_BACKOFF_MAX": _seconds, "REQUEST_TIMEOUT": _seconds,
     "CONNECT_TIMEOUT": _seconds, "WORKFLOWS": _workflows,
     "ARTIFACT_TRANSFER": _choice(*ARTIFACT_TRANSFERS), "ARTIFACT_DIR": _optional_path,
+    "JOB_DURATIONS": _job_durations, "SWITCH_COST": _switch_cost,
 }
 
 
@@ -341,9 +380,11 @@ def _first_clash(items: Iterable[tuple[int, Any]]) -> tuple[int, int] | None:
 
 
 def _with_combine(instances: tuple[InstanceConfig, ...]) -> tuple[InstanceConfig, ...]:
+    """The COMBINE rule (see ``Settings``); an instance does not steal what it takes."""
     if any("COMBINE" in inst.job_types for inst in instances):
         return instances
-    return tuple(replace(inst, job_types=inst.job_types | {"COMBINE"}) for inst in instances)
+    return tuple(replace(inst, job_types=inst.job_types | {"COMBINE"},
+                         steal_types=inst.steal_types - {"COMBINE"}) for inst in instances)
 
 
 def _check_coverage(instances: Sequence[InstanceConfig], fallback: bool) -> None:

@@ -69,7 +69,8 @@ class RunResult:
 def policy_of(settings: config.Settings) -> Policy:
     return Policy(max_retries=settings.max_retries, retry_delay=settings.retry_delay,
                   retry_delay_max=settings.retry_delay_max,
-                  combine_gate=settings.combine_gate)
+                  combine_gate=settings.combine_gate,
+                  job_durations=settings.job_durations, switch_cost=settings.switch_cost)
 
 
 def load_workflows(settings: config.Settings) -> dict[JobKind, Workflow]:

@@ -62,6 +62,7 @@ class Instance:
     instance_id: str
     job_types: tuple[str, ...]
     max_concurrent: int = 2
+    steal_types: tuple[str, ...] = ()
 
 
 FARM = (Instance("h1", ("HIGH",)), Instance("h2", ("HIGH",)), Instance("h3", ("HIGH",)),
@@ -200,9 +201,10 @@ class Farm:
 
     def _dispatch(self) -> None:
         store = self.store
-        for a in schedule(store.ready.values(), store.instance_views(FARM), now=self.now,
-                          fallback=True, combine_concurrency=1,
-                          combines_in_flight=store.combines_in_flight()):
+        for a in schedule(store.ready.values(), store.instance_views(FARM, now=self.now),
+                          now=self.now, fallback=True, combine_concurrency=1,
+                          combines_in_flight=store.combines_in_flight(),
+                          costs=store.estimates.costs(), unfinished=store.coming_work()):
             prompt_id = str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
             self.record(ev.JobDispatchIntent(a.job_id, a.instance_id, prompt_id))
 
@@ -352,7 +354,7 @@ def decide_views(store: Store) -> list[InstanceView]:
     COMBINE jobs fall back to any UP instance)."""
     loads = {"h1": 2, "h2": 1, "l1": 2, "hl": 1}
     return [replace(v, up=v.instance_id not in DECIDE_DOWN, in_flight=loads.get(v.instance_id, 0))
-            for v in store.instance_views(DECIDE_FARM)]
+            for v in store.instance_views(DECIDE_FARM, now=DECIDE_NOW)]
 
 
 def time_decide(ready: Iterable[Job], views: list[InstanceView], *, combines_in_flight: int,

@@ -20,13 +20,11 @@ Workloads (``FRAMES_PER_CHUNK`` 101, so 500 frames are 5 chunks, 15 jobs):
   its previous one (and for its very first job: the simulator loads a model then too).
 
 Policies: ``strict-global`` (COMBINE_GATE "global": the seed's phases) and
-``strict-batch`` (COMBINE_GATE "batch") run today's daemon unchanged; ``steal`` runs the
-batch gate with the cost-aware scheduler: ``high`` may steal LOW jobs and ``low`` HIGH
-jobs, with durations and the switch cost learned from the run itself (nothing
-configured). Until the lead wires those inputs into the store and the loop, this file
-feeds them through ``CostAwareLoop``, a subclass of the daemon's loop patched into
-``daemon`` for the ``steal`` runs only. ``single`` (ENABLE_DUAL_INSTANCE = False, one
-server for everything) is the baseline of ``speedup_vs_single``.
+``strict-batch`` (COMBINE_GATE "batch") pin each kind to its server; ``steal`` is the
+batch gate with ``steal_types``: ``high`` may steal LOW jobs and ``low`` HIGH jobs, with
+durations and the switch cost learned from the run itself (no JOB_DURATIONS, SWITCH_COST
+"learn"). ``single`` (ENABLE_DUAL_INSTANCE = False, one server for everything) is the
+baseline of ``speedup_vs_single``.
 
 Figures, in units, measured from the run's event log:
 
@@ -59,12 +57,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import structlog
 
@@ -75,14 +71,10 @@ if str(ROOT) not in sys.path:
 import config
 import daemon
 from service.logs import setup_logging
-from service.loop import JOB_ENDINGS, Loop
-from statemachine import events as ev
-from statemachine.job import JOB_FINAL, BatchState
 from statemachine.log import EventLog
 from statemachine.plan import BatchPlan, JobKind
 from statemachine.planner import plan_prompt_file
-from statemachine.scheduler import CostLearner, InstanceView, expected_busy, schedule
-from statemachine.store import Store, read_records
+from statemachine.store import read_records
 from statemachine.timeline import Attempt, Timeline, build_timeline, busy_seconds
 
 UNIT = 0.2  # seconds
@@ -111,8 +103,8 @@ class Policy:
     dual: bool = True
 
 
-POLICIES = (Policy("strict-global", "global"), Policy("strict-batch", "batch"),
-            Policy("steal", "batch", steal=True))
+STRICT_BATCH = Policy("strict-batch", "batch")
+POLICIES = (Policy("strict-global", "global"), STRICT_BATCH, Policy("steal", "batch", steal=True))
 SINGLE = Policy("single", "batch", dual=False)
 
 
@@ -124,82 +116,6 @@ def workloads(seed: int) -> list[Workload]:
             dataclasses.replace(w1, name="W3",
                                 frames=tuple(rng.randint(60, 700) for _ in range(20))),
             dataclasses.replace(w1, name="W4", switch_cost=0.5)]
-
-
-# --- the cost-aware scheduler wired into the daemon's loop (this benchmark only) ----------
-
-
-class RunTracker:
-    """What the cost-aware scheduler needs and the store does not keep yet, folded from
-    the events as they are recorded: the kind last sent to each instance, when each job
-    started and whether its server had to switch models for it, and the learned costs."""
-
-    def __init__(self) -> None:
-        self.learner = CostLearner()
-        self.sent: dict[str, str] = {}  # instance -> kind of the last job sent there
-        self.ran: dict[str, tuple[str | None, str]] = {}  # instance -> (kind before, last)
-        self.starts: dict[str, tuple[float, bool]] = {}  # job -> (started at, switched)
-
-    def on_event(self, rec: ev.Recorded, subject: Any) -> None:
-        e = rec.event
-        if isinstance(e, ev.JobDispatchIntent):
-            self.sent[e.instance_id] = subject.kind.value
-        elif isinstance(e, ev.JobStarted):
-            kind = subject.kind.value
-            last = self.ran.get(subject.instance_id, (None, None))[1]
-            self.ran[subject.instance_id] = (last, kind)
-            self.starts[e.job_id] = (rec.ts, last != kind)
-        elif isinstance(e, JOB_ENDINGS) and e.job_id in self.starts:
-            started_at, switched = self.starts.pop(e.job_id)
-            if isinstance(e, ev.JobSucceeded):
-                self.learner.observe(subject.kind.value, rec.ts - started_at,
-                                     switched=switched)
-
-    def view(self, view: InstanceView, store: Store, now: float) -> InstanceView:
-        costs = self.learner.costs()
-        mine = [j for j in store.in_flight.values() if j.instance_id == view.instance_id]
-        queue = [(j.kind.value, self.starts.get(j.job_id, (None,))[0]) for j in mine]
-        before, last = self.ran.get(view.instance_id, (None, None))
-        running = bool(queue) and queue[0][1] is not None
-        return dataclasses.replace(
-            view, steal_types=STEAL_TYPES.get(view.instance_id, frozenset()),
-            last_kind=self.sent.get(view.instance_id),
-            busy_for=expected_busy(queue, now=now, before=before if running else last,
-                                   costs=costs),
-            foreign_in_flight=sum(1 for j in mine if j.kind.value not in view.job_types))
-
-
-def coming_work(store: Store) -> Counter[str]:
-    """Jobs not ended per kind: renders, and COMBINE jobs once their batch's gate opened
-    (counted on every turn here; the store should keep the count)."""
-    return Counter(j.kind.value for b in store.open_batches() for j in b.jobs
-                   if j.state not in JOB_FINAL
-                   and (j.kind.renders or b.state is BatchState.COMBINING))
-
-
-class CostAwareLoop(Loop):
-    """The daemon's loop with stealing on: ``_dispatch`` as in ``service.loop`` plus the
-    inputs of ``RunTracker`` and ``coming_work``. The lead moves these into the store and
-    the loop."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.tracker = RunTracker()
-        self.store.listeners.append(self.tracker.on_event)
-
-    def _dispatch(self, now: float) -> None:
-        if not self.started or not self.store.ready:
-            return
-        s = self.settings
-        views = [self.tracker.view(v, self.store, now)
-                 for v in self.store.instance_views(s.instances)]
-        picks = schedule(self.store.ready.values(), views, now=now, fallback=s.fallback,
-                         combine_concurrency=s.combine_concurrency,
-                         combines_in_flight=self.store.combines_in_flight(),
-                         costs=self.tracker.learner.costs(),
-                         unfinished=coming_work(self.store))
-        for pick in picks:
-            self._send(self.store.jobs[pick.job_id], pick.instance_id, now)
 
 
 # --- simulated servers, settings, prompt files -------------------------------------------
@@ -236,16 +152,18 @@ def simulators(count: int, durations: Mapping[str, float], switch_cost: float,
             proc.wait(timeout=10)
 
 
-def bench_settings(state_dir: Path, ports: Sequence[int], *, gate: str, dual: bool,
+def bench_settings(state_dir: Path, ports: Sequence[int], policy: Policy,
                    extra: Mapping[str, Any] | None = None) -> config.Settings:
     """Two instances (``LAYOUT``) on ``ports``, or the single one on the first port;
     artifacts read in place from the servers' shared output directory."""
     instances = [{"instance_id": name, "host": "127.0.0.1", "port": port,
-                  "job_types": [kind], "max_concurrent": 2}
+                  "job_types": [kind], "max_concurrent": 2,
+                  "steal_types": sorted(STEAL_TYPES[name]) if policy.steal else []}
                  for (name, kind), port in zip(LAYOUT, ports, strict=False)]
     single = {**config.SINGLE_INSTANCE_CONFIG, "port": ports[0]}
     return config.load_settings(overrides={
-        "STATE_DIR": str(state_dir), "ENABLE_DUAL_INSTANCE": dual, "COMBINE_GATE": gate,
+        "STATE_DIR": str(state_dir), "ENABLE_DUAL_INSTANCE": policy.dual,
+        "COMBINE_GATE": policy.gate,
         "COMFYUI_INSTANCES": instances, "SINGLE_INSTANCE_CONFIG": single,
         "ARTIFACT_TRANSFER": "path", "ARTIFACT_DIR": str(state_dir / "artifacts"),
         **(extra or {})})
@@ -300,16 +218,12 @@ def run(bench: Bench, workload: Workload, policy: Policy, files: Sequence[Path],
     count = 2 if policy.dual else 1
     with simulators(count, workload.seconds(bench.unit), workload.switch_cost * bench.unit,
                     state / "artifacts") as ports:
-        settings = bench_settings(state, ports, gate=policy.gate, dual=policy.dual,
-                                  extra=bench.extra)
+        settings = bench_settings(state, ports, policy, extra=bench.extra)
         stop = daemon.Stop()
         limit = threading.Timer(time_limit, stop.event.set)
-        patch = (mock.patch.object(daemon, "Loop", CostAwareLoop) if policy.steal
-                 else contextlib.nullcontext())
         limit.start()
         try:
-            with patch:
-                result = daemon.run_files(settings, files, stop)
+            result = daemon.run_files(settings, files, stop)
         finally:
             limit.cancel()
     log = EventLog(state)
@@ -409,7 +323,7 @@ def lower_bounds(workload: Workload, plans: Sequence[BatchPlan],
 def bench_workload(bench: Bench, workload: Workload, policies: Sequence[Policy]
                    ) -> list[dict[str, Any]]:
     files = write_prompts(bench.work / workload.name, workload.frames)
-    settings = bench_settings(bench.work / workload.name, [1, 2], gate="batch", dual=True)
+    settings = bench_settings(bench.work / workload.name, [1, 2], STRICT_BATCH)
     plans = plans_of(files, settings)
     bound, pinned = lower_bounds(workload, plans, settings.instances)
     # generous: every job one after the other, three times over, plus start-up

@@ -294,12 +294,17 @@ class Loop:
     def _dispatch(self, now: float) -> None:
         if not self.started or not self.store.ready:
             return
-        s = self.settings
-        picks = schedule(self.store.ready.values(), self.store.instance_views(s.instances),
+        s, store = self.settings, self.store
+        picks = schedule(store.ready.values(), store.instance_views(s.instances, now=now),
                          now=now, fallback=s.fallback,
                          combine_concurrency=s.combine_concurrency,
-                         combines_in_flight=self.store.combines_in_flight())
+                         combines_in_flight=store.combines_in_flight(),
+                         costs=store.estimates.costs(), unfinished=store.coming_work())
         for pick in picks:
+            if pick.stolen:
+                log.info(f"🤝 Instance {pick.instance_id} is out of its own work and takes "
+                         f"{pick.job_id}: its own instances would start it later than "
+                         f"a model switch costs", job=pick.job_id)
             self._send(self.store.jobs[pick.job_id], pick.instance_id, now)
 
     def _send(self, job: Job, instance_id: str, now: float) -> None:
@@ -478,13 +483,11 @@ class Loop:
         once every instance has answered its first probe, so start-up does not flap)."""
         if not self.settings.fallback or not self.started:
             return
-        views = self.store.instance_views(self.settings.instances)
-        up = [v for v in views if v.up]
-        kinds = frozenset(k.value for k in JobKind
-                          if up and not any(k.value in v.job_types for v in up))
+        up = [i for i in self.settings.instances if self.store.instance_up.get(i.instance_id)]
+        kinds = frozenset(k.value for k in JobKind if up and not any(i.accepts(k) for i in up))
         for kind in sorted(kinds - self.fallback_kinds):
             log.warning(f"🔀 Fallback on: {kind} jobs go to any instance that is up",
-                        instances=[v.instance_id for v in up])
+                        instances=[i.instance_id for i in up])
         for kind in sorted(self.fallback_kinds - kinds):
             log.info(f"🔀 Fallback off: {kind} jobs are back on their own instance")
         self.fallback_kinds = kinds

@@ -37,15 +37,11 @@ Rules, in the order they apply:
 
 from __future__ import annotations
 
-import statistics
-from collections import defaultdict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from statemachine.plan import JobKind
-
-LEARN_WINDOW = 31  # observed runs per kind the running medians of ``CostLearner`` look at
 
 
 class ReadyJob(Protocol):
@@ -66,8 +62,9 @@ class InstanceView:
     """One configured instance as the scheduler sees it this turn.
 
     ``last_kind`` is the kind of the last job sent to it (what its queue ends with; None if
-    unknown), ``busy_for`` the seconds its jobs in flight are still expected to take (see
-    ``expected_busy``), ``foreign_in_flight`` how many of those are outside ``job_types``.
+    unknown), ``busy_for`` the seconds its jobs in flight are still expected to take
+    (``statemachine.estimates``), ``foreign_in_flight`` how many of those are outside
+    ``job_types``.
     """
 
     instance_id: str
@@ -291,70 +288,3 @@ class _Turn:
     def _append(self, instance_id: str, kind: str) -> None:
         self.ready_at[instance_id] = self._start(instance_id, kind) + self.costs.duration(kind)
         self.tail[instance_id] = kind
-
-
-# --- the estimates the caller feeds in -------------------------------------------------
-
-
-def expected_busy(queue: Iterable[tuple[str, float | None]], *, now: float,
-                  before: str | None, costs: Costs) -> float:
-    """Seconds an instance's jobs in flight are still expected to take.
-
-    ``queue`` holds them in the order they were sent, as (kind, started_at or None);
-    ``before`` is the kind the instance ran before the first of them (None: unknown). A
-    running job that overran its estimate counts as about to end.
-    """
-    total = 0.0
-    previous = before
-    for kind, started_at in queue:
-        run = costs.switch(previous, kind) + costs.duration(kind)
-        if started_at is not None:
-            run = max(0.0, run - (now - started_at))
-        total += run
-        previous = kind
-    return total
-
-
-class CostLearner:
-    """``Costs`` from observed runs: per kind, a running median of the runs that followed a
-    job of the same kind on their server, and of those that followed another kind; the
-    switch cost is the median gap between the two (unless configured).
-
-    ``prior`` durations stand in for kinds not seen yet; a kind with neither is expected
-    to take as long as the shortest kind seen (not zero: its first jobs would look free).
-    """
-
-    def __init__(self, prior: Mapping[str, float] | None = None,
-                 switch_cost: float | None = None, window: int = LEARN_WINDOW) -> None:
-        self.prior = dict(prior or {})
-        self.configured_switch = switch_cost
-        self._same: defaultdict[str, deque[float]] = defaultdict(lambda: deque(maxlen=window))
-        self._switched: defaultdict[str, deque[float]] = defaultdict(
-            lambda: deque(maxlen=window))
-        self._costs: Costs | None = None
-
-    def observe(self, kind: str, seconds: float, *, switched: bool) -> None:
-        """One finished run of ``kind`` that took ``seconds`` from start to end."""
-        (self._switched if switched else self._same)[kind].append(seconds)
-        self._costs = None
-
-    def costs(self) -> Costs:
-        if self._costs is None:
-            switch = self._switch_cost()
-            durations = dict(self.prior)
-            for kind in set(self._same) | set(self._switched):
-                durations[kind] = self._duration(kind, switch)
-            self._costs = Costs(durations, switch, min(durations.values(), default=0.0))
-        return self._costs
-
-    def _switch_cost(self) -> float:
-        if self.configured_switch is not None:
-            return self.configured_switch
-        gaps = [statistics.median(self._switched[k]) - statistics.median(self._same[k])
-                for k in self._same if self._switched.get(k)]
-        return max(0.0, statistics.median(gaps)) if gaps else 0.0
-
-    def _duration(self, kind: str, switch: float) -> float:
-        if self._same.get(kind):
-            return statistics.median(self._same[kind])
-        return max(0.0, statistics.median(self._switched[kind]) - switch)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import gc
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -20,6 +20,7 @@ import orjson
 from statemachine import events as ev
 from statemachine import failpoints
 from statemachine.errors import CorruptLog, IllegalTransition
+from statemachine.estimates import Estimates
 from statemachine.job import (
     BATCH_FINAL,
     BATCH_MACHINE,
@@ -45,12 +46,15 @@ SNAPSHOT_VERSION = 1
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """The rules' knobs, taken from the settings."""
+    """The rules' knobs, taken from the settings, and what the estimates start from:
+    run times per kind until runs are seen, the switch cost (None: learned)."""
 
     max_retries: int = 3
     retry_delay: float = 5.0
     retry_delay_max: float = 300.0
     combine_gate: str = "batch"
+    job_durations: Mapping[str, float] = field(default_factory=dict)
+    switch_cost: float | None = None
 
 
 Listener = Callable[[ev.Recorded, Any], None]
@@ -80,8 +84,10 @@ class Store:
         self.in_flight: dict[str, Job] = {}
         self.instance_up: dict[str, bool] = {}
         self.by_sha256: dict[str, str] = {}
-        self.unfinished_renders = 0
+        self.combining: dict[str, Batch] = {}  # batches whose COMBINE gate is open
+        self.unfinished: Counter[JobKind] = Counter()  # jobs not ended, by kind
         self.state_counts: Counter[JobState] = Counter()  # jobs in each state
+        self.estimates = Estimates(self.policy.job_durations, self.policy.switch_cost)
         self.listeners: list[Listener] = []
 
     # --- recording -------------------------------------------------------------------
@@ -132,6 +138,7 @@ class Store:
         else:
             replay_move(JOB_MOVES, job, trigger)
         _JOB_FIELDS[type(event)](job, event, rec.ts)
+        self.estimates.fold(event, job, rec.ts)
         self._reindex(job, old, rec.seq)
         return job
 
@@ -157,9 +164,7 @@ class Store:
             self.in_flight[job.job_id] = job
         if (old in JOB_FINAL) == (new in JOB_FINAL):
             return
-        step = -1 if new in JOB_FINAL else 1
-        if job.kind.renders:
-            self.unfinished_renders += step
+        self.unfinished[job.kind] += -1 if new in JOB_FINAL else 1
         if new is JobState.SUCCEEDED:
             if job.kind.renders:
                 job.batch.renders_left -= 1
@@ -183,7 +188,7 @@ class Store:
                 self.jobs[dep].dependants.append(job)
         self.batches[plan.batch_id] = batch
         self.by_sha256[plan.sha256] = plan.batch_id  # the latest batch of that file
-        self.unfinished_renders += batch.renders_left
+        self.unfinished.update(job.kind for job in batch.jobs)
         self.state_counts[JobState.WAITING] += len(batch.jobs)
         return batch
 
@@ -198,7 +203,14 @@ class Store:
             replay_move(BATCH_MOVES, batch, trigger)
         batch.reason = getattr(event, "reason", batch.reason)
         batch.ended_at = rec.ts if batch.state in BATCH_FINAL else None
+        self._index_combining(batch)
         return batch
+
+    def _index_combining(self, batch: Batch) -> None:
+        if batch.state is BatchState.COMBINING:
+            self.combining[batch.batch_id] = batch
+        else:
+            self.combining.pop(batch.batch_id, None)
 
     # --- instances -------------------------------------------------------------------
 
@@ -211,13 +223,37 @@ class Store:
 
     # --- queries ---------------------------------------------------------------------
 
-    def instance_views(self, instances: Iterable[Any]) -> list[InstanceView]:
+    def instance_views(self, instances: Iterable[Any], *, now: float) -> list[InstanceView]:
         """Scheduler input for configured instances (``instance_id``, ``job_types``,
-        ``max_concurrent``); an instance never reported UP counts as DOWN."""
-        load = Counter(j.instance_id for j in self.in_flight.values())
-        return [InstanceView(i.instance_id, frozenset(i.job_types), i.max_concurrent,
-                             self.instance_up.get(i.instance_id, False), load[i.instance_id])
-                for i in instances]
+        ``steal_types``, ``max_concurrent``), estimates included; an instance never
+        reported UP counts as DOWN."""
+        flying: dict[str, list[tuple[str, str]]] = {i.instance_id: [] for i in instances}
+        for job in self.in_flight.values():
+            flying.get(str(job.instance_id), []).append((job.job_id, job.kind.value))
+        return [self._view(i, flying[i.instance_id], now) for i in instances]
+
+    def _view(self, instance: Any, in_flight: Sequence[tuple[str, str]],
+              now: float) -> InstanceView:
+        instance_id = instance.instance_id
+        job_types = frozenset(instance.job_types)
+        return InstanceView(
+            instance_id, job_types, instance.max_concurrent,
+            self.instance_up.get(instance_id, False), len(in_flight),
+            steal_types=frozenset(instance.steal_types),
+            last_kind=self.estimates.sent.get(instance_id),
+            busy_for=self.estimates.busy_for(instance_id, in_flight, now),
+            foreign_in_flight=sum(1 for _, kind in in_flight if kind not in job_types))
+
+    @property
+    def unfinished_renders(self) -> int:
+        return sum(count for kind, count in self.unfinished.items() if kind.renders)
+
+    def coming_work(self) -> dict[str, int]:
+        """Jobs not ended per kind that someone can plan on: every render of an open
+        batch, COMBINE jobs only behind an open gate (the scheduler's ``unfinished``)."""
+        coming = {kind.value: n for kind, n in self.unfinished.items() if kind.renders and n}
+        combines = sum(batch.combines_left for batch in self.combining.values())
+        return coming | ({JobKind.COMBINE.value: combines} if combines else {})
 
     def combines_in_flight(self) -> int:
         return sum(1 for j in self.in_flight.values() if j.kind is JobKind.COMBINE)
@@ -263,6 +299,7 @@ class Store:
             "seq": self.seq,
             "instance_up": dict(sorted(self.instance_up.items())),
             "batches": [_batch_state(b) for b in self.batches.values()],
+            "estimates": self.estimates.snapshot(),
         }
 
     def _restore(self, snap: dict[str, Any]) -> None:
@@ -274,11 +311,14 @@ class Store:
                                  live=False)
             batch.state, batch.reason = BatchState(b["state"]), b["reason"]
             batch.ended_at = b["ended_at"]
+            self._index_combining(batch)
             for job, saved in zip(batch.jobs, b["jobs"], strict=True):
                 _restore_job(job, saved)
                 self._reindex(job, JobState.WAITING, job.ready_seq)
         self.ready = dict(sorted(self.ready.items(), key=lambda kv: kv[1].ready_seq))
         self.instance_up = dict(snap["instance_up"])
+        if "estimates" in snap:  # snapshots written before estimates were kept have none
+            self.estimates.restore(snap["estimates"])
         self.seq = snap["seq"]
 
 

@@ -226,6 +226,27 @@ def test_combine_stays_where_it_is_listed():
     assert not a.accepts("COMBINE") and b.accepts("COMBINE")
 
 
+def test_stealing_is_off_unless_configured_and_never_of_its_own_kinds():
+    assert all(not i.steal_types for i in load_settings().instances)
+    settings = load_settings()
+    assert (settings.switch_cost, dict(settings.job_durations)) == (None, {})
+    listed = [instance(instance_id="a", job_types=["HIGH"], steal_types=["LOW", "COMBINE"]),
+              instance(instance_id="b", port=8189, job_types=["LOW"])]
+    a, _ = load_settings(overrides={"COMFYUI_INSTANCES": listed, "SWITCH_COST": 40,
+                                    "JOB_DURATIONS": {"LOW": 600}}).instances
+    assert a.steal_types == {"LOW"}  # COMBINE was added to its job_types by the COMBINE rule
+
+
+def test_stealing_settings_from_toml(tmp_path):
+    path = write(tmp_path, 'SWITCH_COST = 12.5\nJOB_DURATIONS = { HIGH = 300, LOW = 600 }\n'
+                           '[[COMFYUI_INSTANCES]]\ninstance_id = "a"\nhost = "h"\n'
+                           'port = 1\njob_types = ["HIGH"]\nsteal_types = ["LOW"]\n')
+    settings = load_settings(path)
+    assert settings.switch_cost == 12.5
+    assert dict(settings.job_durations) == {"HIGH": 300, "LOW": 600}
+    assert settings.instances[0].steal_types == {"LOW"}
+
+
 def test_combine_on_a_disabled_instance_does_not_count():
     listed = [instance(instance_id="a", job_types=["HIGH", "LOW"]),
               instance(instance_id="b", port=8189, job_types=["COMBINE"], enabled=False)]
@@ -260,6 +281,11 @@ def test_combine_on_a_disabled_instance_does_not_count():
     ({"WORKFLOWS": {"MID": "m.json"}}, "unknown setting WORKFLOWS.MID; known: HIGH, LOW"),
     ({"RETRY_DELAY_MAX": 4}, "RETRY_DELAY_MAX = 4: must be at least RETRY_DELAY (5)"),
     ({"PROBE_BACKOFF_MAX": 1}, "PROBE_BACKOFF_MAX = 1: must be at least HEALTH_INTERVAL (5)"),
+    ({"SWITCH_COST": "auto"}, "SWITCH_COST = 'auto': \"learn\", or the seconds a server takes"),
+    ({"SWITCH_COST": -1}, "SWITCH_COST = -1: \"learn\", or the seconds"),
+    ({"JOB_DURATIONS": {"HIGH": 0}}, "JOB_DURATIONS.HIGH = 0: must be a positive number"),
+    ({"JOB_DURATIONS": {"MID": 3}}, "unknown setting JOB_DURATIONS.MID; known: HIGH, LOW"),
+    ({"JOB_DURATIONS": 60}, "JOB_DURATIONS = 60: must be a table of job kind"),
 ])
 def test_scalar_refusals(overrides, message):
     assert refusal(overrides).startswith(message)
@@ -293,6 +319,10 @@ def test_workflows_replaced_whole_need_every_kind():
                                   "host name or IP address only"),
     ({"host": "10.0.0.1:8188"}, "COMFYUI_INSTANCES[1].host = '10.0.0.1:8188': must be a host"),
     ({"host": ""}, "COMFYUI_INSTANCES[1].host = '': must be a non-empty string"),
+    ({"steal_types": ["MID"]}, "COMFYUI_INSTANCES[1].steal_types = ['MID']: unknown job type"),
+    ({"steal_types": "LOW"}, "COMFYUI_INSTANCES[1].steal_types = 'LOW': must be a list of"),
+    ({"steal_types": ["LOW", "HIGH"]}, "COMFYUI_INSTANCES[1].steal_types = ['HIGH', 'LOW']: "
+                                       "'HIGH' is in its job_types already"),
 ])
 def test_instance_refusals(changes, message):
     listed = [instance(instance_id="a"), instance(**{"instance_id": "b", "port": 8189, **changes})]

@@ -3,6 +3,7 @@ simulated ComfyUI servers, judged by the simulators' own execution records."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import config
 import daemon
+from instances.simulator import SimConfig, start_simulator
 from statemachine.log import EventLog
 from statemachine.store import read_records
 from statemachine.timeline import build_timeline
@@ -100,6 +102,29 @@ def test_a_server_down_from_the_start_falls_back_to_the_other(tmp_path, sims):
     result = run(settings_for(tmp_path / "state", high.port, low.port), files)
     assert result.all_done
     assert Counter(r["kind"] for r in high.executions()) == {"HIGH": 3, "LOW": 3, "COMBINE": 3}
+
+
+def test_a_server_out_of_work_steals_from_the_slower_kind(tmp_path):
+    """LOW takes six times as long as HIGH: the HIGH server, allowed to, takes LOW jobs
+    once it has learned that (nothing configured), and every job still runs once, after
+    its dependencies."""
+    slow_low = SimConfig(durations={"HIGH": 0.05, "LOW": 0.3, "COMBINE": 0.02},
+                         switch_cost=0.02)
+    with start_simulator(0, slow_low) as high, start_simulator(0, slow_low) as low:
+        settings = settings_for(tmp_path / "state", high.port, low.port)
+        instances = [dataclasses.replace(settings.instances[0], steal_types=frozenset({"LOW"})),
+                     settings.instances[1]]
+        files = [prompt_file(tmp_path, n, 303) for n in ("a", "b", "c")]
+        result = run(dataclasses.replace(settings, instances=tuple(instances)), files)
+        assert result.all_done, result.summary
+        runs = runs_by_job(high, low)
+    assert all(len(r) == 1 and r[0]["status"] == "success" for r in runs.values())
+    stolen = [r["job_id"] for r in high.executions() if r["kind"] == "LOW"]
+    assert stolen, "the HIGH server never took a LOW job"
+    assert {r["kind"] for r in low.executions()} <= {"LOW", "COMBINE"}
+    one = {job: r[0] for job, r in runs.items()}
+    for job in stolen:
+        assert one[job]["start"] >= one[job.replace("/L", "/H")]["end"]
 
 
 def test_a_server_killed_mid_job_and_restarted_reruns_the_job(tmp_path, sims):

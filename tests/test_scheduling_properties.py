@@ -1,9 +1,10 @@
 """Stateful property test of the core: the store, its rules and the scheduler, driven the
 way the daemon drives them, with crashes and replays, checked after every step.
 
-Half the layouts let instances steal (``steal_types``); the scheduler then gets the
-estimates the daemon feeds it (costs, each instance's queue tail and expected busy time,
-unfinished jobs per kind), drawn at the start of each run.
+Half the layouts let instances steal (``steal_types``); the scheduler then gets estimates
+like the daemon's (costs drawn at the start of each run; each instance's queue tail and
+expected busy time, unfinished jobs per kind, worked out here independently of the store,
+which must agree where it keeps the same figures).
 
 The budget is set by COMFY_DUAL_EXAMPLES (default 200); `make soak` runs it with 2,000.
 """
@@ -21,11 +22,12 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from support import make_plan
 
 from statemachine import events as ev
+from statemachine.estimates import expected_busy
 from statemachine.job import IN_FLIGHT, JOB_FINAL, BatchState, JobState
 from statemachine.log import MemoryLog
 from statemachine.plan import JobKind
 from statemachine.rules import cancel_batch, failure_event, retry_batch
-from statemachine.scheduler import Costs, InstanceView, expected_busy, schedule
+from statemachine.scheduler import Costs, InstanceView, schedule
 from statemachine.store import Policy, Store
 
 
@@ -122,8 +124,8 @@ class CoreMachine(RuleBasedStateMachine):
 
     def views(self):
         """What the daemon tells the scheduler about each instance, estimates included."""
-        views = self.store.instance_views(self.instances)
-        return [replace(v, steal_types=inst.steal_types, **self.estimates(inst))
+        views = self.store.instance_views(self.instances, now=self.now)
+        return [replace(v, **self.estimates(inst))
                 for v, inst in zip(views, self.instances, strict=True)]
 
     def estimates(self, inst: Inst) -> dict:
@@ -346,6 +348,16 @@ class CoreMachine(RuleBasedStateMachine):
         assert seqs == sorted(seqs)
         assert self.store.unfinished_renders == sum(
             1 for j in jobs if j.kind.renders and j.state not in JOB_FINAL)
+
+    @invariant()
+    def the_store_keeps_the_same_estimates(self):
+        assert Counter(self.store.coming_work()) == self.unfinished()
+        for view, inst in zip(self.store.instance_views(self.instances, now=self.now),
+                              self.instances, strict=True):
+            mine = self.estimates(inst)
+            assert view.steal_types == inst.steal_types
+            assert view.foreign_in_flight == mine["foreign_in_flight"]
+            assert view.last_kind == mine["last_kind"]
 
     @invariant()
     def affinity_and_capacity(self):

@@ -1,5 +1,4 @@
-"""Examples of the scheduler's cost-aware rules: stealing, where a COMBINE goes, and the
-estimates they go by (``expected_busy``, ``CostLearner``)."""
+"""Examples of the scheduler's cost-aware rules: stealing and where a COMBINE goes."""
 
 from __future__ import annotations
 
@@ -8,14 +7,7 @@ from dataclasses import dataclass
 import pytest
 
 from statemachine.plan import JobKind
-from statemachine.scheduler import (
-    Assignment,
-    CostLearner,
-    Costs,
-    InstanceView,
-    expected_busy,
-    schedule,
-)
+from statemachine.scheduler import Assignment, Costs, InstanceView, schedule
 
 W2 = Costs({"HIGH": 1.0, "LOW": 2.0, "COMBINE": 0.2})
 
@@ -153,41 +145,6 @@ def test_a_combine_goes_where_it_costs_least(high_last, expected):
     costs = Costs({"HIGH": 1.0, "LOW": 1.0, "COMBINE": 0.2}, switch_cost=0.5)
     views = [high(1, busy=0.8, last=high_last), low(1, busy=0.3)]
     assert run(jobs("COMBINE"), views, costs=costs) == [Assignment("j0", expected)]
-
-
-# --- the estimates ---------------------------------------------------------------------------
-
-
-def test_expected_busy_counts_what_is_left_of_the_running_job_and_switches():
-    costs = Costs({"HIGH": 4.0, "COMBINE": 1.0}, switch_cost=0.5)
-    queue = [("HIGH", 10.0), ("COMBINE", None), ("HIGH", None)]
-    assert expected_busy(queue, now=11.0, before="HIGH", costs=costs) == 3.0 + 1.5 + 4.5
-    assert expected_busy(queue, now=11.0, before="LOW", costs=costs) == 3.5 + 1.5 + 4.5
-    assert expected_busy([("HIGH", 0.0)], now=60.0, before="HIGH", costs=costs) == 0.0
-    assert expected_busy([], now=0.0, before=None, costs=costs) == 0.0
-
-
-def test_the_learner_takes_running_medians_and_the_switch_gap():
-    learner = CostLearner(prior={"COMBINE": 9.0})
-    assert learner.costs() == Costs({"COMBINE": 9.0}, 0.0, 9.0)
-    for seconds in (10.0, 11.0, 30.0):
-        learner.observe("HIGH", seconds, switched=False)
-    learner.observe("HIGH", 14.0, switched=True)
-    learner.observe("LOW", 20.0, switched=True)
-    costs = learner.costs()
-    assert costs.switch_cost == 3.0  # 14 - 11
-    assert costs.duration("HIGH") == 11.0
-    assert costs.duration("LOW") == 17.0  # seen only after switches
-    assert costs.duration("COMBINE") == 9.0
-    assert costs.duration("unseen") == 9.0  # the shortest kind known
-
-
-def test_a_configured_switch_cost_wins_and_window_forgets():
-    learner = CostLearner(switch_cost=0.25, window=2)
-    for seconds in (100.0, 1.0, 3.0):
-        learner.observe("HIGH", seconds, switched=False)
-    learner.observe("HIGH", 50.0, switched=True)
-    assert learner.costs() == Costs({"HIGH": 2.0}, 0.25, 2.0)
 
 
 def test_nothing_is_stolen_before_the_durations_involved_are_known():
