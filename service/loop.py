@@ -35,6 +35,7 @@ from instances.artifacts import (
     OutputFile,
     Upload,
     final_files,
+    local_path,
     resolve_inputs,
     unwritten_artifacts,
 )
@@ -133,6 +134,7 @@ class Loop:
         self._status_written = float("-inf")
         self.log_error: str | None = None  # why the event log cannot be written, if so
         self._settle_and_forget_gone_instances()
+        self.unfetched = self._unfetched_videos()
         store.listeners.append(self._narrate)
         store.listeners.append(self._meter)
 
@@ -456,6 +458,8 @@ class Loop:
         self._set_health(m.instance_id, m.up, m.detail, now)
         self._log_fallback()
         if m.up:
+            for batch in self.unfetched.pop(m.instance_id, ()):
+                self._fetch_final(batch)
             for job in list(self.store.in_flight.values()):
                 if job.instance_id == m.instance_id:
                     self.checking.add(job.prompt_id)
@@ -571,6 +575,17 @@ class Loop:
             else:
                 log.error(f"🏁 batch {subject.state.value}", batch=e.batch_id,
                           video=subject.plan.name, reason=subject.reason)
+
+    def _unfetched_videos(self) -> dict[str, list[Batch]]:
+        """Finished videos not saved here (the daemon stopped before it fetched them), by
+        the instance that has them: fetched once it is heard up."""
+        missing: dict[str, list[Batch]] = {}
+        for batch in self.store.batches.values():
+            last = batch.jobs[-1]
+            files = final_files(last.outputs) if batch.state is BatchState.DONE else []
+            if any(not local_path(self.outputs_dir, batch.batch_id, f).exists() for f in files):
+                missing.setdefault(str(last.instance_id), []).append(batch)
+        return missing
 
     def _fetch_final(self, batch: Batch) -> None:
         """Bring the finished video home, into STATE_DIR/outputs/<batch>/ (agent thread)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -225,3 +226,15 @@ def test_sigterm_mid_run_then_restart_finishes_with_no_duplicate(tmp_path, sims,
         wait_for(lambda n=n: svc.batch_state(f"b{n:04d}") == "done", f"b{n:04d} done")
     runs = [r for sim in sims for r in sim.executions() if r["status"] == "success"]
     assert len(runs) == 27 and len({r["job_id"] for r in runs}) == 27
+
+
+def test_a_finished_video_not_fetched_before_a_stop_is_fetched_after_the_restart(
+        tmp_path, sims, service):
+    svc = service().start()
+    assert svc.submit("submit", str(prompt(tmp_path, "one", 101))) == 0
+    video = svc.state / "outputs" / "b0001"
+    wait_for(lambda: svc.batch_state("b0001") == "done" and any(video.glob("*")), "video")
+    svc.terminate()
+    shutil.rmtree(video)  # as if the daemon had stopped between "done" and the download
+    svc.start()
+    wait_for(lambda: any(video.glob("*")), "the video fetched again")
