@@ -6,11 +6,33 @@ import hashlib
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from statemachine import events as ev
-from statemachine.plan import BatchPlan
+from statemachine.plan import BatchPlan, JobKind
 from statemachine.planner import PromptSpec, plan_batch
+
+
+@dataclass
+class Ready:
+    """A ready job as the scheduler reads it."""
+
+    job_id: str
+    kind: JobKind
+    ready_seq: int
+    priority: int = 0
+    eligible_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Inst:
+    """A configured instance as ``Store.instance_views`` reads it."""
+
+    instance_id: str
+    job_types: frozenset[str]
+    max_concurrent: int = 2
+    steal_types: frozenset[str] = frozenset()
 
 
 def make_plan(batch_id: str, frames: int = 303, chunk: int = 101, priority: int = 0

@@ -3,9 +3,7 @@ events (run times, switches, each server's queue), and the work still coming."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from support import dispatch, make_plan
+from support import Inst, dispatch, make_plan
 
 from statemachine import events as ev
 from statemachine.estimates import CostLearner, expected_busy
@@ -13,15 +11,6 @@ from statemachine.log import MemoryLog
 from statemachine.rules import cancel_batch
 from statemachine.scheduler import Costs
 from statemachine.store import Policy, Store
-
-
-@dataclass(frozen=True)
-class Inst:
-    instance_id: str
-    job_types: frozenset[str]
-    max_concurrent: int = 2
-    steal_types: frozenset[str] = frozenset()
-
 
 HIGH = Inst("high", frozenset({"HIGH", "COMBINE"}), steal_types=frozenset({"LOW"}))
 LOW = Inst("low", frozenset({"LOW", "COMBINE"}))

@@ -14,12 +14,12 @@ from __future__ import annotations
 import os
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from support import make_plan
+from support import Inst, make_plan
 
 from statemachine import events as ev
 from statemachine.estimates import expected_busy
@@ -29,14 +29,6 @@ from statemachine.plan import JobKind
 from statemachine.rules import cancel_batch, failure_event, retry_batch
 from statemachine.scheduler import Costs, InstanceView, schedule
 from statemachine.store import Policy, Store
-
-
-@dataclass(frozen=True)
-class Inst:
-    instance_id: str
-    job_types: frozenset[str]
-    max_concurrent: int
-    steal_types: frozenset[str] = field(default_factory=frozenset)
 
 
 def kinds(*names: str) -> frozenset[str]:
@@ -78,6 +70,17 @@ def may_run(kind: JobKind, view: InstanceView, views, fallback: bool) -> bool:
     if kind.value in view.job_types:
         return True
     return fallback and not any(v.up and kind.value in v.job_types for v in views)
+
+
+def chained(views) -> bool:
+    """COMBINE chains run back to back when more than one UP instance takes COMBINE jobs."""
+    return sum(1 for v in views if v.up and JobKind.COMBINE.value in v.job_types) > 1
+
+
+def holds_chain(view: InstanceView, views, combines_in_flight: int) -> bool:
+    """Then an instance whose queue ends with a COMBINE not ended yet takes nothing more."""
+    return (chained(views) and combines_in_flight > 0 and view.in_flight > 0
+            and view.last_kind == JobKind.COMBINE.value)
 
 
 class CoreMachine(RuleBasedStateMachine):
@@ -168,7 +171,8 @@ class CoreMachine(RuleBasedStateMachine):
         self.store.commit()
 
     def check_fifo(self, picks, ready, views) -> None:
-        """No eligible job is passed over for one that became ready after it."""
+        """No eligible job is passed over for one that became ready after it, but a COMBINE
+        goes before renders where chains run back to back."""
         picked = {p.job_id: p.instance_id for p in picks}
         by_id = {v.instance_id: v for v in views}
         for job_id, instance_id in picked.items():
@@ -180,6 +184,8 @@ class CoreMachine(RuleBasedStateMachine):
                     continue
                 if other.kind is JobKind.COMBINE and job.kind is not JobKind.COMBINE:
                     continue  # COMBINE may be held back by its own concurrency limit
+                if job.kind is JobKind.COMBINE and other.kind.renders and chained(views):
+                    continue
                 assert not may_run(other.kind, by_id[instance_id], views, self.fallback), (
                     f"{other.job_id} was ready before {job_id} and skipped")
 
@@ -189,9 +195,14 @@ class CoreMachine(RuleBasedStateMachine):
         of its own (or fallback) work waiting; nothing is stolen without estimates."""
         by_id = {v.instance_id: v for v in views}
         picked = {p.job_id for p in picks}
-        free = Counter({v.instance_id: v.max_concurrent - v.in_flight for v in views if v.up})
+        combines = self.store.combines_in_flight()
+        free = Counter({v.instance_id: 0 if holds_chain(v, views, combines)
+                        else v.max_concurrent - v.in_flight for v in views if v.up})
         free.subtract(p.instance_id for p in picks)
-        combine_free = (self.store.combines_in_flight() + sum(
+        for p in picks:  # a COMBINE taken this turn holds its instance too
+            if chained(views) and self.store.jobs[p.job_id].kind is JobKind.COMBINE:
+                free[p.instance_id] = 0
+        combine_free = (combines + sum(
             self.store.jobs[p].kind is JobKind.COMBINE for p in picked)
             < self.combine_concurrency)
         steals = [p for p in picks if p.stolen]
@@ -392,9 +403,11 @@ class CoreMachine(RuleBasedStateMachine):
     @invariant()
     def work_conservation(self):
         views = self.views()
-        combine_free = self.store.combines_in_flight() < self.combine_concurrency
+        combines = self.store.combines_in_flight()
+        combine_free = combines < self.combine_concurrency
         for view in views:
-            if not view.up or view.in_flight >= view.max_concurrent:
+            if (not view.up or view.in_flight >= view.max_concurrent
+                    or holds_chain(view, views, combines)):
                 continue
             for job in self.store.ready.values():
                 if job.eligible_at > self.now or (job.kind is JobKind.COMBINE

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
+from support import Ready
 
 from statemachine.plan import JobKind
 from statemachine.scheduler import Assignment, Costs, InstanceView, schedule
 
 W2 = Costs({"HIGH": 1.0, "LOW": 2.0, "COMBINE": 0.2})
-
-
-@dataclass
-class Ready:
-    job_id: str
-    kind: JobKind
-    ready_seq: int
-    priority: int = 0
-    eligible_at: float = 0.0
 
 
 def jobs(*kinds: str) -> list[Ready]:

@@ -1,0 +1,140 @@
+"""COMBINE chains: where more than one instance takes COMBINE jobs, a COMBINE goes before
+renders, to an idle instance if there is one, and nothing queues behind it."""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+
+import pytest
+from support import Inst, Ready, dispatch, make_plan
+
+from statemachine import events as ev
+from statemachine.log import MemoryLog
+from statemachine.plan import JobKind
+from statemachine.scheduler import Assignment, Costs, InstanceView, schedule
+from statemachine.store import Store
+
+
+def ready(*kinds: str) -> list[Ready]:
+    """Ready jobs named by kind (H, L, C), in the order they became ready."""
+    return [Ready(k, JobKind(k), n) for n, k in enumerate(kinds)]
+
+
+def view(instance_id: str, in_flight: int, last: str | None, *, up: bool = True,
+         kinds: tuple[str, ...] = ()) -> InstanceView:
+    job_types = frozenset(kinds or (instance_id.upper(), "COMBINE"))
+    return InstanceView(instance_id, job_types, 2, up, in_flight, last_kind=last)
+
+
+def run(jobs: list[Ready], views: list[InstanceView], costs: Costs | None = None,
+        combines_in_flight: int = 0) -> list[Assignment]:
+    return schedule(jobs, views, now=0.0, fallback=False, combine_concurrency=1,
+                    combines_in_flight=combines_in_flight, costs=costs)
+
+
+def test_a_combine_goes_before_older_renders_and_nothing_queues_behind_it():
+    views = [view("high", 1, "HIGH"), view("low", 2, "LOW")]
+    assert run(ready("HIGH", "COMBINE"), views) == [Assignment("COMBINE", "high")]
+
+
+def test_an_instance_whose_queue_ends_with_a_combine_takes_nothing_until_it_ends():
+    jobs = ready("HIGH")
+    assert run(jobs, [view("high", 1, "COMBINE"), view("low", 2, "LOW")],
+               combines_in_flight=1) == []
+    assert run(jobs, [view("high", 0, "COMBINE"), view("low", 2, "LOW")]) == [
+        Assignment("HIGH", "high")]
+
+
+def test_a_combine_takes_an_idle_instance_rather_than_hold_up_renders_elsewhere():
+    """The LOW server costs no model switch, but its LOW job would wait; the HIGH server
+    has nothing to do."""
+    costs = Costs({"HIGH": 1.0, "LOW": 1.0, "COMBINE": 0.2}, switch_cost=0.5)
+    views = [view("high", 0, "HIGH"), view("low", 0, "COMBINE")]
+    assert run(ready("LOW", "COMBINE"), views, costs) == [
+        Assignment("COMBINE", "high"), Assignment("LOW", "low")]
+    assert run(ready("LOW", "HIGH", "COMBINE"), views, costs) == [
+        Assignment("COMBINE", "low"), Assignment("HIGH", "high")]
+
+
+@pytest.mark.parametrize("others", [[], [view("low", 0, None, up=False)]],
+                         ids=["single instance", "the other one down"])
+def test_with_one_instance_for_combines_the_order_stays_fifo_and_nothing_is_held(others):
+    """No other instance could render meanwhile: holding would only idle this one."""
+    one = "HIGH", "LOW", "COMBINE"
+    views = [view("high", 0, "HIGH", kinds=one), *others]
+    assert run(ready("HIGH", "COMBINE"), views) == [Assignment("HIGH", "high"),
+                                                    Assignment("COMBINE", "high")]
+    views = [view("high", 1, "COMBINE", kinds=one), *others]
+    assert run(ready("LOW"), views, combines_in_flight=1) == [Assignment("LOW", "high")]
+
+
+# --- a whole run, on servers without latency -------------------------------------------
+
+
+DUAL = (Inst("high", frozenset({"HIGH", "COMBINE"})), Inst("low", frozenset({"LOW", "COMBINE"})))
+
+
+class Farm:
+    """The daemon's loop on the real store and scheduler, and servers that run their FIFO
+    queue with no latency: a turn after every instant at which jobs end."""
+
+    def __init__(self, durations: dict[str, float]) -> None:
+        self.store = Store(MemoryLog())
+        self.durations = durations
+        self.queues: dict[str, deque[str]] = {i.instance_id: deque() for i in DUAL}
+        self.running: dict[str, str] = {}
+        self.ends: list[tuple[float, str]] = []  # when the job running on an instance ends
+        self.now = 0.0
+        for inst in DUAL:
+            self.store.record(ev.InstanceUp(inst.instance_id), 0.0)
+
+    def run(self) -> float:
+        while True:
+            self.turn()
+            if not self.ends:
+                return self.now
+            self.now = self.ends[0][0]
+            while self.ends and self.ends[0][0] == self.now:
+                self.finish(heapq.heappop(self.ends)[1])
+
+    def turn(self) -> None:
+        store = self.store
+        picks = schedule(store.ready.values(), store.instance_views(DUAL, now=self.now),
+                         now=self.now, fallback=False, combine_concurrency=1,
+                         combines_in_flight=store.combines_in_flight(),
+                         costs=store.estimates.costs(), unfinished=store.coming_work())
+        for pick in picks:
+            prompt_id = dispatch(store, pick.job_id, pick.instance_id, self.now)
+            store.record(ev.JobQueued(pick.job_id, prompt_id, 1), self.now)
+            self.queues[pick.instance_id].append(pick.job_id)
+            self.start(pick.instance_id)
+        store.commit()
+
+    def start(self, instance_id: str) -> None:
+        queue = self.queues[instance_id]
+        if instance_id in self.running or not queue:
+            return
+        job = self.store.jobs[queue.popleft()]
+        self.running[instance_id] = job.job_id
+        self.store.record(ev.JobStarted(job.job_id, job.prompt_id), self.now)
+        heapq.heappush(self.ends, (self.now + self.durations[job.kind.value], instance_id))
+
+    def finish(self, instance_id: str) -> None:
+        job = self.store.jobs[self.running.pop(instance_id)]
+        self.store.record(ev.JobSucceeded(job.job_id, job.prompt_id, {}), self.now)
+        self.start(instance_id)
+
+
+@pytest.mark.parametrize(("low", "optimum"), [(1.0, 23.0), (2.0, 42.0)], ids=["W1", "W2"])
+def test_four_videos_of_five_chunks_end_at_the_optimum(low, optimum):
+    """bench/makespan.py's W1 and W2 (HIGH 1 unit, COMBINE 0.2). No schedule does better:
+    the LOW server idles until the first HIGH ends (1 unit), and the last batch's five
+    COMBINE jobs (1 unit) run one at a time after every render, the other server idle.
+    W1: (44 units of work + 2 idle) / 2 = 23; queued behind renders its chains took 23.8.
+    W2: the LOW server's 40 units, plus those 2."""
+    farm = Farm({"HIGH": 1.0, "LOW": low, "COMBINE": 0.2})
+    for n in range(4):
+        farm.store.record(ev.BatchAccepted(make_plan(f"b{n}", 500)), 0.0)
+    assert farm.run() == pytest.approx(optimum)
+    assert all(b.state.value == "done" for b in farm.store.batches.values())
