@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import struct
 import zlib
@@ -93,9 +94,9 @@ def strip_annotation(name: str) -> tuple[str, str | None]:
 
 
 def inside(root: Path, *parts: str) -> Path | None:
-    """``root/parts...`` resolved, or ``None`` when it would leave ``root``."""
+    """``root/parts...`` resolved, or ``None`` when it would leave ``root`` (resolved)."""
     target = root.joinpath(*parts).resolve()
-    return target if target.is_relative_to(root.resolve()) else None
+    return target if target.is_relative_to(root) else None
 
 
 class SimFiles:
@@ -105,6 +106,8 @@ class SimFiles:
         self.dirs = {"input": input_dir, "output": output_dir, "temp": temp_dir}
         for directory in self.dirs.values():
             directory.mkdir(parents=True, exist_ok=True)
+        # resolved once: every save and lookup is checked against them
+        self._roots = {kind: directory.resolve() for kind, directory in self.dirs.items()}
 
     def list_inputs(self, kind: str) -> list[str]:
         """Files of one kind at the top of the input directory, sorted (like ComfyUI)."""
@@ -115,13 +118,13 @@ class SimFiles:
     def input_path(self, value: str) -> Path | None:
         """The file a LoadImage-style input names (``sub/name``, ``name [output]``)."""
         name, folder = strip_annotation(value)
-        path = inside(self.dirs[folder or "input"], name)
+        path = inside(self._roots[folder or "input"], name)
         return path if path is not None and path.is_file() else None
 
     def view_path(self, filename: str, subfolder: str, folder: str) -> Path | None:
         """The file ``/view`` serves, or ``None`` (missing, unknown type, escaping path)."""
         name, annotated = strip_annotation(filename)
-        root = self.dirs.get(annotated or folder)
+        root = self._roots.get(annotated or folder)
         if root is None or not name or name.startswith("/") or ".." in name:
             return None
         path = inside(root, subfolder, Path(name).name)
@@ -130,7 +133,7 @@ class SimFiles:
     def upload(self, filename: str, subfolder: str, folder: str, data: bytes,
                overwrite: bool) -> str | None:
         """Store an upload like ComfyUI; the name it got, or ``None`` for a bad target."""
-        root = self.dirs.get(folder)
+        root = self._roots.get(folder)
         target = None if root is None or not filename else inside(root, subfolder, filename)
         if target is None:
             return None
@@ -156,9 +159,8 @@ class SimFiles:
         return ui
 
     def _save_target(self, kind: OutputKind, prefix: str) -> tuple[Path, str, int]:
-        """ComfyUI's ``get_save_image_path``: folder, base name, next free counter."""
-        root = self.dirs[kind.folder]
-        folder = inside(root, prefix)
+        """ComfyUI's ``get_save_image_path``: folder (resolved), base name, next free counter."""
+        folder = inside(self._roots[kind.folder], prefix)
         if folder is None or not Path(prefix).name:
             raise SaveOutsideOutput(
                 f"Saving image outside the output folder is not allowed. prefix: {prefix}")
@@ -166,15 +168,15 @@ class SimFiles:
         folder.mkdir(parents=True, exist_ok=True)
         name = Path(prefix).name
         pattern = re.compile(rf"{re.escape(name)}_(\d+)_")
-        used = [int(m.group(1)) for p in folder.iterdir() if (m := pattern.match(p.name))]
+        used = [int(m.group(1)) for entry in os.listdir(folder) if (m := pattern.match(entry))]
         return folder, name, max(used, default=0) + 1
 
     def _describe(self, kind: OutputKind, path: Path) -> dict[str, Any]:
-        root = self.dirs[kind.folder].resolve()
-        subfolder = path.parent.resolve().relative_to(root).as_posix()
+        """``path`` was just written in a resolved folder: no need to resolve it again."""
+        subfolder = path.parent.relative_to(self._roots[kind.folder]).as_posix()
         entry = {"filename": path.name, "subfolder": "" if subfolder == "." else subfolder,
                  "type": kind.folder}
-        return {"abs_path": str(path.resolve()), **entry} if kind.abs_path else entry
+        return {"abs_path": str(path), **entry} if kind.abs_path else entry
 
 
 def looks_like_image(path: Path) -> bool:

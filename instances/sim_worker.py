@@ -341,8 +341,8 @@ class JobRun:
         self.states[node_id] = {"value": value, "max": top, "state": state, "node_id": node_id,
                                 "prompt_id": pid, "display_node_id": node_id,
                                 "parent_node_id": None, "real_node_id": node_id}
-        await self.send("progress_state", {"prompt_id": pid, "nodes": copy.deepcopy(self.states)},
-                        broadcast=True)
+        nodes = {node: dict(state) for node, state in self.states.items()}  # flat: a deep copy
+        await self.send("progress_state", {"prompt_id": pid, "nodes": nodes}, broadcast=True)
 
     def _stop_data(self) -> dict[str, Any]:
         node_id = self._current_node()
