@@ -4,6 +4,7 @@ torn-tail repair and compaction. It knows nothing of event types; ``events`` doe
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,12 @@ class EventLog:
 
     Opening repairs a torn tail (a last chunk without its newline, left by a crash in the
     middle of a write) and records how many bytes it cut in ``repaired_bytes``.
+
+    The file is written with ``O_DSYNC``: a write returns once its bytes, and the file size
+    that makes them readable, are on disk, as after ``fdatasync``. A commit is one write,
+    so one system call: the daemon's loop lets go of the GIL once per commit instead of
+    three times (write, fsync, and the seek that ``tell`` made), and under load each of
+    those cost it a wait to get the GIL back.
     """
 
     def __init__(self, directory: Path, name: str = "events.jsonl") -> None:
@@ -55,15 +62,15 @@ class EventLog:
         self.snapshot_path = directory / "snapshot.json"
         directory.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
-        self._file = open(self.path, "ab")  # noqa: SIM115 - lives as long as the log
+        self._fd = _open_for_appends(self.path)
         if created:
             fsync_dir(directory)
         self.repaired_bytes = self._repair_tail()
-        self._durable_size = self._file.tell()
+        self._durable_size = os.fstat(self._fd).st_size
         self._pending: list[bytes] = []
 
     def _repair_tail(self) -> int:
-        size = os.fstat(self._file.fileno()).st_size
+        size = os.fstat(self._fd).st_size
         if size == 0:
             return 0
         with open(self.path, "rb") as f:
@@ -74,9 +81,8 @@ class EventLog:
             return 0
         if cut == len(tail) and size > len(tail):
             raise CorruptLog(f"{self.path}: last 64 KiB hold no line end")
-        self._file.truncate(size - cut)
-        self._file.seek(0, os.SEEK_END)
-        os.fsync(self._file.fileno())
+        os.ftruncate(self._fd, size - cut)
+        os.fsync(self._fd)
         return cut
 
     def lines(self) -> Iterator[tuple[int, bytes]]:
@@ -88,7 +94,8 @@ class EventLog:
         self._pending.append(line)
 
     def commit(self) -> None:
-        """Write what was appended since the last commit and fsync once (group commit).
+        """Write what was appended since the last commit, durably, in one write (group
+        commit).
 
         On failure the file is cut back to its last durable size and the lines stay
         pending, so a later commit can succeed without a torn or doubled record.
@@ -98,26 +105,28 @@ class EventLog:
         data = b"".join(self._pending)
         try:
             if failpoints.armed():
-                self._file.write(data[: len(data) // 2])
-                self._file.flush()
+                self._write(data[: len(data) // 2])
                 failpoints.hit("mid_append")
-                data = data[len(data) // 2:]
-            self._file.write(data)
-            self._file.flush()
-            os.fsync(self._file.fileno())
+                self._write(data[len(data) // 2:])
+            else:
+                self._write(data)
         except OSError as exc:
             self._roll_back()
             raise LogWriteError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
         self._pending.clear()
-        self._durable_size = self._file.tell()
+        self._durable_size += len(data)
+
+    def _write(self, data: bytes) -> None:
+        """All of ``data``; a write may take only part of it (a disk filling up): the rest
+        goes in the next one, which then meets the error."""
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
 
     def _roll_back(self) -> None:
-        try:
-            self._file.truncate(self._durable_size)
-            self._file.seek(self._durable_size)
-        except OSError:
-            # The disk refuses even a truncate; reopening on the next start repairs the tail.
-            pass
+        # If the disk refuses even a truncate, reopening on the next start repairs the tail.
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, self._durable_size)
 
     def compact(self, snapshot: bytes) -> None:
         """Write a snapshot of everything committed, then start the log afresh.
@@ -127,10 +136,10 @@ class EventLog:
         """
         self.commit()
         write_atomic(self.snapshot_path, snapshot)
-        self._file.close()
+        os.close(self._fd)
         write_atomic(self.path, b"")
-        self._file = open(self.path, "ab")  # noqa: SIM115
-        self._durable_size = self._file.tell()
+        self._fd = _open_for_appends(self.path)
+        self._durable_size = 0
 
     def load_snapshot(self) -> bytes | None:
         try:
@@ -139,7 +148,12 @@ class EventLog:
             return None
 
     def close(self) -> None:
-        self._file.close()
+        os.close(self._fd)
+
+
+def _open_for_appends(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_DSYNC | os.O_CLOEXEC,
+                   0o666)
 
 
 class MemoryLog:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import signal
@@ -67,18 +68,35 @@ def test_a_failed_write_keeps_the_file_whole_and_the_events_pending(tmp_path, mo
     store = write_events(tmp_path, 2)
     before = (tmp_path / "events.jsonl").read_bytes()
     store.record(ev.InstanceUp("late"), 5)
-    real_fsync = os.fsync
+    real_write, calls = os.write, []
 
-    def disk_full(fd):
-        raise OSError(28, "No space left on device")
+    def fills_up_halfway(fd, data):
+        calls.append(len(data))
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data[: len(data) // 2])  # the disk took part of it
 
-    monkeypatch.setattr(os, "fsync", disk_full)
+    monkeypatch.setattr(os, "write", fills_up_halfway)
     with pytest.raises(LogWriteError, match="No space left"):
         store.commit()
-    assert (tmp_path / "events.jsonl").read_bytes() == before
-    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert len(calls) == 2 and (tmp_path / "events.jsonl").read_bytes() == before
+    monkeypatch.setattr(os, "write", real_write)
     store.commit()
     assert Store.open(EventLog(tmp_path)).snapshot() == store.snapshot()
+
+
+def test_a_commit_is_one_write_that_returns_once_durable(tmp_path, monkeypatch):
+    log = EventLog(tmp_path)
+    assert fcntl.fcntl(log._fd, fcntl.F_GETFL) & os.O_DSYNC
+    real_write, writes = os.write, []
+    monkeypatch.setattr(os, "write", lambda fd, data: writes.append(bytes(data))
+                        or real_write(fd, data))
+    for n in range(3):
+        log.append(b"line %d\n" % n)
+    log.commit()
+    log.commit()  # nothing pending: no write at all
+    assert writes == [b"line 0\nline 1\nline 2\n"]
+    log.close()
 
 
 def test_compaction_then_more_events_then_reopen(tmp_path):
