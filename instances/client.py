@@ -16,6 +16,10 @@ Threads: the dispatcher, the poller and the health checker share one client per 
 ``requests.Session`` is not documented as thread-safe, and one Session behind a lock would
 let a slow ``view`` download stall every health check, so each thread gets its own Session
 (``threading.local``): connection reuse per thread, no shared mutable state.
+
+What requests takes from the environment (proxies, ``no_proxy``, CA bundle) is read once
+per client, not on every request (``trust_env`` off): those lookups cost more CPU than the
+request itself on the path from a job ready to its POST.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import random
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote, urlsplit
 
@@ -121,15 +125,23 @@ def _message_event(message: Any) -> tuple[str, Any]:
     return event, text.strip() or None
 
 
+def _failure(event: str, data: Any) -> tuple[Status, str] | None:
+    """The outcome an ``execution_error``/``execution_interrupted`` message stands for (its
+    data a dict from the websocket or upstream history, or the fork's plain text)."""
+    if event == "execution_interrupted":
+        where = f" at node {data.get('node_id')}" if isinstance(data, dict) else ""
+        return "interrupted", f"interrupted{where}"
+    if event == "execution_error":
+        text = execution_error_text(data) if isinstance(data, dict) else data
+        return "error", text or "execution error"
+    return None
+
+
 def _outcome_from_messages(status_str: str | None, messages: Sequence[Any]
                            ) -> tuple[Status, str | None]:
     for event, data in map(_message_event, messages):
-        if event == "execution_interrupted":
-            where = f" at node {data.get('node_id')}" if isinstance(data, dict) else ""
-            return "interrupted", f"interrupted{where}"
-        if event == "execution_error":
-            text = execution_error_text(data) if isinstance(data, dict) else data
-            return "error", text or "execution error"
+        if (failure := _failure(event, data)) is not None:
+            return failure
     if status_str in (None, "success"):
         return "success", None
     return "error", f"status {status_str}"
@@ -192,6 +204,9 @@ class ComfyClient:
                  read_timeout: float = 30.0) -> None:
         self.base_url = _check_base_url(base_url)
         self.timeout = (connect_timeout, read_timeout)
+        with requests.Session() as probe:  # what the environment says for this server
+            self._environ = probe.merge_environment_settings(self.base_url, {}, None, None,
+                                                             None)
         self._local = threading.local()
         # weak: a thread that ends takes its Session with it; close() reaches the rest
         self._sessions: weakref.WeakSet[requests.Session] = weakref.WeakSet()
@@ -218,6 +233,9 @@ class ComfyClient:
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = requests.Session()
+            session.trust_env = False
+            session.proxies.update(self._environ["proxies"])
+            session.verify = self._environ["verify"]
             with self._lock:
                 self._sessions.add(session)
         return session
@@ -339,8 +357,8 @@ def _rejection(body: Any, resp: requests.Response, base_url: str) -> ComfyDualEr
 
 # --- websocket -------------------------------------------------------------------------
 
-EventKind = Literal["connected", "disconnected", "started", "progress", "executing",
-                    "success", "error", "interrupted", "finished"]
+EventKind = Literal["connected", "disconnected", "started", "cached", "progress", "executing",
+                    "executed", "success", "error", "interrupted", "finished"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,6 +376,38 @@ _SIMPLE_KINDS: dict[str, EventKind] = {
     "execution_error": "error",
     "execution_interrupted": "interrupted",
 }
+_ENDINGS = {kind: event for event, kind in _SIMPLE_KINDS.items() if kind != "started"}
+
+
+@dataclass(slots=True)
+class StreamedRun:
+    """One run of a prompt as the stream told it from its ``execution_start`` on: how it
+    ended and what ``executed`` reported, the same outputs ``/history`` lists.
+
+    ComfyUI sends every message of a run to its client, in order, on one connection: a run
+    followed from its start on a connection that stayed up is the whole story, and the
+    ``/history`` request after it can be spared. Only the stream's thread touches one.
+    """
+
+    outputs: dict[str, Any] = field(default_factory=dict)
+    ending: tuple[Status, str | None] | None = None
+    cached: bool = False
+
+    def add(self, event: StreamEvent) -> None:
+        if event.kind == "executed" and event.data.get("output"):
+            self.outputs[str(event.data.get("node"))] = event.data["output"]
+        elif event.kind == "cached":
+            self.cached = self.cached or bool(event.data.get("nodes"))
+        elif event.kind in _ENDINGS:
+            self.ending = _failure(_ENDINGS[event.kind], event.data) or ("success", None)
+
+    def outcome(self) -> JobOutcome | None:
+        """How it ended; None if only ``/history`` can tell: no end message was seen, or
+        nodes came from the cache (some ComfyUI versions send no ``executed`` for those)."""
+        if self.ending is None or self.cached:
+            return None
+        status, error = self.ending
+        return JobOutcome(status, dict(self.outputs), error)
 
 
 def parse_ws_message(text: str | bytes) -> StreamEvent | None:
@@ -380,6 +430,11 @@ def parse_ws_message(text: str | bytes) -> StreamEvent | None:
         if data.get("node") is None:
             return StreamEvent("finished", prompt_id, {})
         return StreamEvent("executing", prompt_id, {"node": data["node"]})
+    if kind == "executed":
+        return StreamEvent("executed", prompt_id,
+                           {"node": data.get("node"), "output": data.get("output")})
+    if kind == "execution_cached":
+        return StreamEvent("cached", prompt_id, {"nodes": data.get("nodes") or []})
     return None
 
 
@@ -456,7 +511,10 @@ class EventStream:
 
     def _connect(self) -> websocket.WebSocket | None:
         try:
-            ws = websocket.create_connection(self.url, timeout=self._connect_timeout)
+            # UTF-8 is checked by orjson when a frame is parsed; websocket-client's own check
+            # is pure Python, byte by byte, and took most of the daemon's CPU under load.
+            ws = websocket.create_connection(self.url, timeout=self._connect_timeout,
+                                             skip_utf8_validation=True)
         except (websocket.WebSocketException, OSError) as exc:
             log.debug("websocket connect failed", url=self.url, error=str(exc))
             return None

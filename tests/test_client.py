@@ -23,6 +23,7 @@ from instances.client import (
     EventStream,
     JobOutcome,
     QueueSnapshot,
+    StreamedRun,
     StreamEvent,
     WorkflowRejected,
     backoff_delay,
@@ -179,6 +180,39 @@ def test_ws_error_interrupted_and_junk() -> None:
     assert parse_ws_message(b'{"type": "status", "data": {"status": {}}}') is None
     assert parse_ws_message("not json") is None
     assert parse_ws_message('["a list"]') is None
+
+
+def _run_of(events: list[StreamEvent]) -> StreamedRun:
+    """A run fed a job's stream events as the agent feeds it."""
+    run = StreamedRun()
+    for event in events:
+        run.add(event)
+    return run
+
+
+def _streamed(messages: list[dict[str, Any]]) -> StreamedRun:
+    """A run fed recorded websocket messages."""
+    return _run_of([e for m in messages if (e := parse_ws_message(json.dumps(m["msg"])))])
+
+
+def test_a_run_followed_on_the_stream_tells_its_outcome_as_history_would() -> None:
+    success = _recorded("ws_sequence_success")
+    assert _streamed(success["messages"]).outcome() == JobOutcome(
+        "success", _body("history_success")[success["prompt_id"]]["outputs"], None)
+    error = _streamed(_recorded("ws_sequence_execution_error")["messages"]).outcome()
+    assert error is not None and error.status == "error" and error.outputs == {}
+    assert error.error.startswith("PIL.UnidentifiedImageError: cannot identify image file")
+    interrupt = _recorded("interrupt_with_prompt_id")
+    interrupted = _streamed(interrupt["ws_messages_interrupted_prompt"]).outcome()
+    assert interrupted == JobOutcome("interrupted", {}, "interrupted at node 3")
+    pid = interrupt["terminal_ws_msg"]["data"]["prompt_id"]
+    assert parse_history(interrupt["history_interrupted"], pid).status == "interrupted"
+
+
+def test_a_run_the_stream_cannot_vouch_for_is_left_to_history() -> None:
+    cached = _recorded("ws_sequence_cached_rerun")["messages"]
+    assert _streamed(cached).outcome() is None  # cached nodes: not every server reports them
+    assert _streamed(_recorded("ws_sequence_success")["messages"][:3]).outcome() is None
 
 
 def test_ws_url_and_backoff() -> None:
@@ -358,6 +392,17 @@ def test_invalid_workflow_is_permanent_with_node_errors(client: ComfyClient) -> 
                       client_id="tests")
 
 
+def test_a_proxy_named_in_the_environment_is_used_unless_no_proxy_says_otherwise(
+        sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTP_PROXY", sim.url)  # aiohttp answers absolute-form requests
+    monkeypatch.setenv("NO_PROXY", "")
+    through = ComfyClient("http://gpu.comfy-dual.invalid:8188", connect_timeout=1.0)
+    assert through.system_stats()["system"]["comfyui_version"]
+    monkeypatch.setenv("NO_PROXY", "gpu.comfy-dual.invalid")
+    with pytest.raises(InstanceUnreachable):
+        ComfyClient("http://gpu.comfy-dual.invalid:8188", connect_timeout=1.0).system_stats()
+
+
 def test_http_500_is_transient(sim: SimulatorHandle, client: ComfyClient) -> None:
     sim.set_faults(http_500=True)
     with pytest.raises(TransientDispatchError, match="HTTP 500"):
@@ -486,11 +531,12 @@ def test_event_stream_follows_a_job_and_reconnects(sim: SimulatorHandle,
         first = new_id()
         client.submit(WITH_PROGRESS, prompt_id=first, client_id="stream-1")
         events = recorder.job(first)
-        assert _kinds_in_order(events) == ["started", "executing", "progress", "executing",
-                                           "success", "finished"]
+        assert _kinds_in_order(events) == ["started", "cached", "executing", "progress",
+                                           "executing", "executed", "success", "finished"]
         progress = [e.data for e in events if e.kind == "progress"]
         assert progress[-1] == {"node": "3", "value": 4, "max": 4}
-        assert client.history(first).status == "success"
+        outcome = _run_of(events).outcome()
+        assert outcome == client.history(first) and outcome.status == "success"
 
         sim.kill()
         recorder.next("disconnected")
@@ -513,8 +559,11 @@ def test_event_stream_reports_errors_and_stops_while_retrying(sim: SimulatorHand
     sim.set_faults(fail_rate=1.0)
     prompt_id = new_id()
     client.submit(SIMPLE, prompt_id=prompt_id, client_id="stream-2")
-    (error,) = [e for e in recorder.job(prompt_id) if e.kind == "error"]
+    events = recorder.job(prompt_id)
+    (error,) = [e for e in events if e.kind == "error"]
     assert error.data["exception_type"] == "SimulatedFailure"
+    outcome = _run_of(events).outcome()
+    assert outcome == client.history(prompt_id) and outcome.status == "error"
     sim.kill()
     recorder.next("disconnected")
     stream.stop()

@@ -1,0 +1,115 @@
+"""The instance agent follows its prompts over the websocket: a run seen from its start is
+reported as the stream told it, without asking ``/history``; any other run is looked up."""
+
+from __future__ import annotations
+
+import queue
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+from support import wait_for
+
+from instances.agent import Finished, Health, InstanceAgent
+from instances.client import JobOutcome, StreamEvent
+from instances.simulator import SimConfig, start_simulator
+
+GRAPH = {"1": {"class_type": "EmptyImage",
+               "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 7}},
+         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0],
+                                                     "filename_prefix": "t/agent"}}}
+OUTPUT = {"images": [{"filename": "a.png", "subfolder": "", "type": "output"}]}
+STARTED = StreamEvent("started", "p", {})
+EXECUTED = StreamEvent("executed", "p", {"node": "2", "output": OUTPUT})
+ENDED = [StreamEvent("success", "p", {}), StreamEvent("finished", "p", {})]
+
+
+@dataclass(frozen=True)
+class Server:
+    instance_id: str
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def _agent(port: int, post: Callable[[object], None]) -> InstanceAgent:
+    """Health checks and polling far apart: only the stream (and what it falls back on)
+    asks about prompts."""
+    return InstanceAgent(Server("s", "127.0.0.1", port), post, health_interval=60,
+                         probe_backoff_max=1, connect_timeout=1, read_timeout=5,
+                         poll_interval=60)
+
+
+def _drain(inbox: queue.SimpleQueue[object]) -> list[object]:
+    messages = []
+    while not inbox.empty():
+        messages.append(inbox.get())
+    return messages
+
+
+def _next(inbox: queue.SimpleQueue[object], kind: type) -> object:
+    return wait_for(lambda: next((m for m in _drain(inbox) if isinstance(m, kind)), None),
+                    kind.__name__, timeout=10)
+
+
+def test_a_run_followed_from_its_start_is_reported_without_a_history_lookup() -> None:
+    inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+    prompt_id, looked_up = str(uuid.uuid4()), []
+    with start_simulator(0, SimConfig(default_duration=0.0)) as sim:
+        agent = _agent(sim.port, inbox.put)
+        history = agent.client.history
+        agent.client.history = lambda p: looked_up.append(p)  # type: ignore[method-assign]
+        agent.start()
+        try:
+            assert _next(inbox, Health).up
+            wait_for(lambda: agent.stream.connected, "the websocket")
+            agent.submit("job-1", prompt_id, GRAPH, {})
+            finished = _next(inbox, Finished)
+        finally:
+            agent.stop()
+        assert finished.prompt_id == prompt_id and looked_up == []
+        assert finished.outcome.status == "success"
+        assert finished.outcome == history(prompt_id)  # just what the server's history says
+
+
+@pytest.fixture
+def offline() -> Iterator[tuple[InstanceAgent, queue.SimpleQueue[object], list[str]]]:
+    """An agent of a server that is not there, fed stream events by hand; its ``/history``
+    lookups are noted instead of made."""
+    inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+    agent = _agent(9, inbox.put)
+    looked_up: list[str] = []
+    agent._finish_from_history = looked_up.append  # type: ignore[method-assign]
+    agent.start()
+    try:
+        yield agent, inbox, looked_up
+    finally:
+        agent.stop()
+
+
+def test_a_run_seen_from_its_start_is_reported_as_streamed(offline) -> None:
+    agent, inbox, looked_up = offline
+    agent.follow("job", "p")
+    for event in [STARTED, EXECUTED, *ENDED]:
+        agent._on_stream(event)
+    finished = [m for m in _drain(inbox) if isinstance(m, Finished)]
+    assert finished == [Finished("s", "p", JobOutcome("success", {"2": OUTPUT}, None))]
+    assert looked_up == []
+
+
+@pytest.mark.parametrize("events", [
+    [EXECUTED, *ENDED],  # joined after its start
+    [STARTED, EXECUTED, StreamEvent("disconnected", None, {}),
+     StreamEvent("connected", None, {}), *ENDED],  # messages may have been lost
+], ids=["joined-late", "reconnected"])
+def test_a_run_the_stream_may_have_missed_parts_of_is_looked_up(offline, events) -> None:
+    agent, inbox, looked_up = offline
+    agent.follow("job", "p")
+    for event in events:
+        agent._on_stream(event)
+    wait_for(lambda: looked_up == ["p"], "the /history lookup")
+    assert not [m for m in _drain(inbox) if isinstance(m, Finished)]
