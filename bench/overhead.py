@@ -20,10 +20,12 @@ and websocket traffic. The daemon logs at INFO into ``STATE_DIR/logs`` as in pro
    agent starts ``POST /prompt`` (``ComfyClient.submit``, wrapped here to note the time).
 2. ``jobs_per_s``: ``--videos`` videos of 505 frames (15 jobs each; 667 make a 10,005-job
    log) with the shipped defaults (``max_concurrent`` 2, one COMBINE at a time, unless
-   ``--depth``/``--combine-concurrency`` say otherwise), for ``--seconds`` at most:
-   dispatches per second over the middle 80% of the run's dispatches (without the
-   ramp-up and the tail); ``jobs_per_s_whole_run`` counts the successes from the first
-   dispatch to the last one.
+   ``--depth``/``--combine-concurrency`` say otherwise), for ``--seconds`` at most and
+   until half of the jobs were posted, whichever comes first (the run must stop with work
+   left: step 3 restarts on it, and a run to the end would close on its last COMBINE
+   jobs, one at a time): dispatches per second over the middle 80% of the run's
+   dispatches (without the ramp-up and the tail); ``jobs_per_s_whole_run`` counts the
+   successes from the first dispatch to the last one.
 3. ``restart_to_dispatch_s``: the daemon of step 2 stops where it is (jobs in flight,
    ready and waiting: a log of every job of step 2); then ``python daemon.py --config
    FILE`` starts on that state directory in a fresh process (interpreter start, imports,
@@ -37,6 +39,8 @@ and websocket traffic. The daemon logs at INFO into ``STATE_DIR/logs`` as in pro
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import logging
 import statistics
@@ -73,6 +77,7 @@ ZERO = {"HIGH": 0.0, "LOW": 0.0, "COMBINE": 0.0}
 LATENCY_FRAMES = 1010  # 10 chunks
 ARTIFACTS_DIR = "/dev/shm" if Path("/dev/shm").is_dir() else None
 THROUGHPUT_FRAMES = 505  # 5 chunks
+THROUGHPUT_JOBS = 15  # per video: HIGH, LOW and COMBINE of 5 chunks
 
 
 @dataclass(frozen=True)
@@ -109,12 +114,13 @@ def log_to_files_only(state_dir: Path) -> None:
             root.removeHandler(handler)
 
 
-def render(config_file: Path, files: Sequence[Path], seconds: float | None = None) -> Path:
+def render(config_file: Path, files: Sequence[Path], seconds: float | None = None,
+           stop: daemon.Stop | None = None) -> Path:
     """Run the daemon (in this process) on ``files`` to the end, or for ``seconds`` at
-    most; returns its state directory."""
+    most, or until ``stop``; returns its state directory."""
     settings = config.load_settings(config_file)
     log_to_files_only(settings.state_dir)
-    stop = daemon.Stop()
+    stop = stop or daemon.Stop()
     timer = threading.Timer(seconds or 0.0, stop.event.set)
     if seconds is not None:
         timer.start()
@@ -180,8 +186,10 @@ def _percentile(ordered: Sequence[float], q: float) -> float:
 def throughput(farm: Farm, args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     cfg = farm.config_file("throughput", depth=args.depth, combines=args.combine_concurrency)
     files = write_prompts(farm.work / "throughput-prompts", [THROUGHPUT_FRAMES] * args.videos)
+    stop = daemon.Stop()
     began = time.monotonic()
-    state = render(cfg, files, seconds=args.seconds)
+    with _stop_after_posts(stop, THROUGHPUT_JOBS * args.videos // 2):
+        state = render(cfg, files, seconds=args.seconds, stop=stop)
     wall = time.monotonic() - began
     recs = records(state)
     sent = sorted(r.ts for r in recs if isinstance(r.event, ev.JobDispatchIntent))
@@ -191,6 +199,21 @@ def throughput(farm: Farm, args: argparse.Namespace) -> tuple[dict[str, Any], Pa
             "jobs_per_s_whole_run": round(len(done) / (sent[-1] - sent[0]), 1),
             "jobs_succeeded": len(done), "throughput_wall_s": round(wall, 1),
             "depth": args.depth, "combine_concurrency": args.combine_concurrency}, cfg
+
+
+@contextlib.contextmanager
+def _stop_after_posts(stop: daemon.Stop, count: int) -> Iterator[None]:
+    """Set ``stop`` once ``count`` prompts were posted."""
+    posted = itertools.count(1)
+    original = ComfyClient.submit
+
+    def counted(client: ComfyClient, graph: Mapping[str, Any], **kwargs: Any) -> int:
+        if next(posted) >= count:
+            stop.event.set()
+        return original(client, graph, **kwargs)
+
+    with mock.patch.object(ComfyClient, "submit", counted):
+        yield
 
 
 # --- 3. restart ----------------------------------------------------------------------------
