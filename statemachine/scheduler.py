@@ -127,20 +127,23 @@ def schedule(ready: Iterable[ReadyJob], instances: Sequence[InstanceView], *, no
     """
     if not any(i.up and i.in_flight < i.max_concurrent for i in instances):
         return []  # the usual case with a backlog: every server busy, nothing to sort
-    eligible = [job for job in ready if job.eligible_at <= now]
+    chained = _chained(instances)
+    if chained:  # whether an instance is idle depends on the kinds ready
+        ready = [job for job in ready if job.eligible_at <= now]
     turn = _Turn(instances, costs or Costs(), unfinished or {}, combine_concurrency,
-                 {job.kind for job in eligible}, combines_in_flight)
+                 {job.kind for job in ready} if chained else set(), combines_in_flight,
+                 chained=chained)
     combine_slots = combine_concurrency - combines_in_flight
     # JobKind is a StrEnum: a kind is its own name wherever a str is looked up
     targets = {kind: _targets(kind, instances, fallback) for kind in JobKind}
     may_steal = turn.has_thief()
     out: list[Assignment] = []
     waiting: list[ReadyJob] = []  # eligible, but no instance of their type is free
-    for job in sorted(eligible, key=lambda job: _fifo(job, combine_first=turn.chained)):
+    for job in sorted(ready, key=_combines_first if chained else _fifo):
         if not turn.has_room():
             break
         kind = job.kind
-        if kind is JobKind.COMBINE and combine_slots <= 0:
+        if job.eligible_at > now or (kind is JobKind.COMBINE and combine_slots <= 0):
             continue
         ids, via_fallback = targets[kind]
         best = turn.first_free(ids, kind)
@@ -178,8 +181,12 @@ def _steals(waiting: Sequence[ReadyJob], turn: _Turn,
     return out
 
 
-def _fifo(job: ReadyJob, *, combine_first: bool) -> tuple[int, bool, int]:
-    return -job.priority, combine_first and job.kind.renders, job.ready_seq
+def _fifo(job: ReadyJob) -> tuple[int, int]:
+    return -job.priority, job.ready_seq
+
+
+def _combines_first(job: ReadyJob) -> tuple[int, bool, int]:
+    return -job.priority, job.kind is not JobKind.COMBINE, job.ready_seq
 
 
 def _chained(instances: Sequence[InstanceView]) -> bool:
@@ -234,12 +241,12 @@ class _Turn:
 
     def __init__(self, instances: Sequence[InstanceView], costs: Costs,
                  unfinished: Mapping[str, int], combine_concurrency: int,
-                 ready_kinds: set[JobKind], combines_in_flight: int) -> None:
+                 ready_kinds: set[JobKind], combines_in_flight: int, *, chained: bool) -> None:
         self.costs = costs
         self._left = (instances, unfinished, combine_concurrency)  # worked out on demand
         self._work_left: dict[str, float] | None = None
         self.order = {i.instance_id: n for n, i in enumerate(instances)}
-        self.chained = _chained(instances)
+        self.chained = chained
         self.free = {i.instance_id: 0 if self.chained and _holds_chain(i, combines_in_flight)
                      else i.max_concurrent - i.in_flight for i in instances if i.up}
         self.idle = {i.instance_id for i in instances if i.up and i.in_flight == 0
