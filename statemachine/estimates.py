@@ -4,15 +4,15 @@ The scheduler (``statemachine.scheduler``) places jobs by when they are expected
 and steals by how much work each server has left; this module works out those inputs
 from what happened: how long runs took (``CostLearner``), the kind each server ran last,
 when each running job started. The store folds every job event into its ``Estimates``
-live and on replay, and keeps them in its snapshot, so a restarted daemon expects what
-the live one expected.
+(``Estimates.takes``) live and on replay, and keeps them in its snapshot, so a restarted
+daemon expects what the live one expected.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections import defaultdict, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from statemachine import events as ev
@@ -20,8 +20,6 @@ from statemachine.job import Job
 from statemachine.scheduler import Costs
 
 LEARN_WINDOW = 31  # observed runs per kind the running medians of ``CostLearner`` look at
-_RUN_ENDINGS = (ev.JobSucceeded, ev.JobAttemptFailed, ev.JobFailed, ev.JobLost,
-                ev.JobCancelled, ev.JobReset)
 
 
 def expected_busy(queue: Iterable[tuple[str, float | None]], *, now: float,
@@ -91,8 +89,8 @@ class CostLearner:
         return max(0.0, statistics.median(self._switched[kind]) - switch)
 
     def snapshot(self) -> dict[str, Any]:
-        return {"same": {k: list(v) for k, v in sorted(self._same.items())},
-                "switched": {k: list(v) for k, v in sorted(self._switched.items())}}
+        return {"same": {str(k): list(v) for k, v in sorted(self._same.items())},
+                "switched": {str(k): list(v) for k, v in sorted(self._switched.items())}}
 
     def restore(self, saved: Mapping[str, Any]) -> None:
         for kind, seen in saved["same"].items():
@@ -113,20 +111,28 @@ class Estimates:
         self.sent: dict[str, str] = {}  # instance -> kind of the last job sent there
         self.ran: dict[str, tuple[str | None, str]] = {}  # instance -> (kind before, last)
         self.started: dict[str, tuple[float, bool]] = {}  # job -> (started at, switched)
+        # what a job event changes here, by its type: the store calls ``takes[type](event,
+        # job, ts)`` after the job took the event in (replay passes every event through)
+        self.takes: dict[type[ev.Event], Callable[[Any, Job, float], None]] = {
+            ev.JobDispatchIntent: self._sent, ev.JobStarted: self._started,
+            **dict.fromkeys((ev.JobSucceeded, ev.JobAttemptFailed, ev.JobFailed, ev.JobLost,
+                             ev.JobCancelled, ev.JobReset), self._ended)}
 
-    def fold(self, event: ev.Event, job: Job, ts: float) -> None:
-        """Take in one event of ``job`` (after the job took it in)."""
-        kind = job.kind.value
-        if isinstance(event, ev.JobDispatchIntent):
-            self.sent[event.instance_id] = kind
-        elif isinstance(event, ev.JobStarted) and job.instance_id is not None:
+    def _sent(self, event: ev.JobDispatchIntent, job: Job, ts: float) -> None:
+        self.sent[event.instance_id] = job.kind
+
+    def _started(self, event: ev.JobStarted, job: Job, ts: float) -> None:
+        if job.instance_id is not None:
+            kind = job.kind
             last = self.ran.get(job.instance_id, (None, None))[1]
             self.ran[job.instance_id] = (last, kind)
             self.started[job.job_id] = (ts, last != kind)
-        elif isinstance(event, _RUN_ENDINGS) and job.job_id in self.started:
-            started_at, switched = self.started.pop(job.job_id)
-            if isinstance(event, ev.JobSucceeded):
-                self.learner.observe(kind, ts - started_at, switched=switched)
+
+    def _ended(self, event: ev.Event, job: Job, ts: float) -> None:
+        run = self.started.pop(job.job_id, None)
+        if run is not None and isinstance(event, ev.JobSucceeded):
+            started_at, switched = run
+            self.learner.observe(job.kind, ts - started_at, switched=switched)
 
     def costs(self) -> Costs:
         return self.learner.costs()
@@ -142,8 +148,8 @@ class Estimates:
                              costs=self.costs())
 
     def snapshot(self) -> dict[str, Any]:
-        return {"sent": dict(sorted(self.sent.items())),
-                "ran": {i: list(kinds) for i, kinds in sorted(self.ran.items())},
+        return {"sent": {i: str(kind) for i, kind in sorted(self.sent.items())},
+                "ran": {i: [k and str(k) for k in kinds] for i, kinds in sorted(self.ran.items())},
                 "started": {j: list(s) for j, s in sorted(self.started.items())},
                 "learned": self.learner.snapshot()}
 

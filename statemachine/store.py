@@ -137,8 +137,11 @@ class Store:
             fire(JOB_MACHINE, job, trigger, lambda: self._append(rec), jobs=self.jobs, now=rec.ts)
         else:
             replay_move(JOB_MOVES, job, trigger)
-        _JOB_FIELDS[type(event)](job, event, rec.ts)
-        self.estimates.fold(event, job, rec.ts)
+        kind = type(event)
+        _JOB_FIELDS[kind](job, event, rec.ts)
+        take = self.estimates.takes.get(kind)
+        if take is not None:
+            take(event, job, rec.ts)
         self._reindex(job, old, rec.seq)
         return job
 
