@@ -148,6 +148,7 @@ class Estimates:
                              costs=self.costs())
 
     def snapshot(self) -> dict[str, Any]:
+        # kinds are held as JobKind (a str, spared Enum's .value on replay), saved as str
         return {"sent": {i: str(kind) for i, kind in sorted(self.sent.items())},
                 "ran": {i: [k and str(k) for k in kinds] for i, kinds in sorted(self.ran.items())},
                 "started": {j: list(s) for j, s in sorted(self.started.items())},
