@@ -232,7 +232,8 @@ class Store:
         reported UP counts as DOWN."""
         flying: dict[str, list[tuple[str, str]]] = {i.instance_id: [] for i in instances}
         for job in self.in_flight.values():
-            flying.get(str(job.instance_id), []).append((job.job_id, job.kind.value))
+            if job.instance_id in flying:  # not an instance gone from the configuration
+                flying[job.instance_id].append((job.job_id, job.kind.value))
         return [self._view(i, flying[i.instance_id], now) for i in instances]
 
     def _view(self, instance: Any, in_flight: Sequence[tuple[str, str]],

@@ -227,8 +227,8 @@ def test_combine_stays_where_it_is_listed():
 
 
 def test_stealing_is_off_unless_configured_and_never_of_its_own_kinds():
-    assert all(not i.steal_types for i in load_settings().instances)
     settings = load_settings()
+    assert all(not i.steal_types for i in settings.instances)
     assert (settings.switch_cost, dict(settings.job_durations)) == (None, {})
     listed = [instance(instance_id="a", job_types=["HIGH"], steal_types=["LOW", "COMBINE"]),
               instance(instance_id="b", port=8189, job_types=["LOW"])]
