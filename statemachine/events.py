@@ -7,8 +7,9 @@ back; it knows nothing of files (that is ``statemachine.log``).
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, ClassVar
 
 import orjson
@@ -26,19 +27,32 @@ class Event:
     type: ClassVar[str] = ""
 
     def to_fields(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_fields(cls, fields: dict[str, Any]) -> Event:
-        return cls(**fields)
+        return {name: getattr(self, name) for name in self.__match_args__}
 
 
+_HEADER = ("seq", "ts", "type", "v")  # the keys of a log record besides the event's fields
 EVENT_TYPES: dict[str, type[Event]] = {}
+Reader = Callable[[dict[str, Any]], Event]
+_READERS: dict[str, tuple[int, Reader]] = {}  # tag -> (keys in its records, reader)
 
 
 def _register(cls: type[Event]) -> type[Event]:
     EVENT_TYPES[cls.type] = cls
+    _READERS[cls.type] = (len(_HEADER) + len(cls.__match_args__), _reader(cls))
     return cls
+
+
+def _reader(cls: type[Event]) -> Reader:
+    """Builds a ``cls`` from a decoded record: its ``from_fields`` if it has one, else the
+    values of its fields by name. Replay calls this for every line, so the values are
+    picked by a C-level ``itemgetter`` (a list comprehension costs 0.2 s per million)."""
+    from_fields: Reader | None = getattr(cls, "from_fields", None)
+    if from_fields is not None:
+        return from_fields
+    pick = itemgetter(*cls.__match_args__)
+    if len(cls.__match_args__) == 1:
+        return lambda record: cls(pick(record))
+    return lambda record: cls(*pick(record))
 
 
 # --- batches -------------------------------------------------------------------------
@@ -258,19 +272,30 @@ def encode(rec: Recorded) -> bytes:
 
 def decode(line: bytes) -> Recorded:
     """Parse one log line; anything unexpected is a ``CorruptLog`` (the caller adds where)."""
+    return Recorded(*parse(line))
+
+
+def parse(line: bytes) -> tuple[int, float, Event]:
+    """``decode`` without the ``Recorded``: replay reads every line of the log and wants
+    the three parts, so it is spared a million frozen wrappers (as the records are read
+    in place rather than copied without their header)."""
     try:
         body = orjson.loads(line)
-        version = body.pop("v")
-        seq, ts, tag = body.pop("seq"), body.pop("ts"), body.pop("type")
-    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        seq, ts, tag, version = body["seq"], body["ts"], body["type"], body["v"]
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
         raise CorruptLog(f"not an event record ({exc})") from None
     if version != SCHEMA_VERSION:
         raise CorruptLog(f"event schema version {version!r} is not supported")
-    cls = EVENT_TYPES.get(tag)
-    if cls is None:
-        raise CorruptLog(f"unknown event type {tag!r}")
     try:
-        event = cls.from_fields(body)
+        keys, read = _READERS[tag]
+    except (KeyError, TypeError):
+        raise CorruptLog(f"unknown event type {tag!r}") from None
+    if len(body) != keys:
+        expected = {*_HEADER, *EVENT_TYPES[tag].__match_args__}
+        raise CorruptLog(f"bad fields for {tag}: missing {sorted(expected - body.keys())}, "
+                         f"unexpected {sorted(body.keys() - expected)}")
+    try:
+        event = read(body)
     except (TypeError, KeyError, ValueError) as exc:
         raise CorruptLog(f"bad fields for {tag}: {exc}") from None
-    return Recorded(seq, ts, event)
+    return seq, ts, event

@@ -54,10 +54,13 @@ class Job:
     """One job's live state. The immutable part (kind, deps, params) is its ``spec``."""
 
     __slots__ = ("attempts", "batch", "dependants", "eligible_at", "error", "instance_id",
-                 "number", "outputs", "prompt_id", "ready_seq", "spec", "state")
+                 "job_id", "kind", "number", "outputs", "prompt_id", "ready_seq", "spec",
+                 "state")
 
     def __init__(self, spec: JobSpec, batch: Batch) -> None:
         self.spec = spec
+        self.job_id = spec.job_id  # copies of the spec's, read on every move
+        self.kind = spec.kind
         self.batch = batch
         self.state = JobState.WAITING
         self.dependants: list[Job] = []
@@ -69,14 +72,6 @@ class Job:
         self.number: int | None = None
         self.error: str | None = None
         self.outputs: dict[str, Any] | None = None
-
-    @property
-    def job_id(self) -> str:
-        return self.spec.job_id
-
-    @property
-    def kind(self) -> JobKind:
-        return self.spec.kind
 
     @property
     def priority(self) -> int:

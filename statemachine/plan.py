@@ -22,6 +22,9 @@ class JobKind(StrEnum):
         return self is not JobKind.COMBINE
 
 
+_KINDS = {kind.value: kind for kind in JobKind}  # JobKind(value) without Enum's call
+
+
 @dataclass(frozen=True, slots=True)
 class JobSpec:
     """One unit of work: a job id unique in the whole log, its kind, chunk and inputs.
@@ -45,11 +48,9 @@ class JobSpec:
         """``shared`` maps each string value seen so far to one object, so equal params of
         several jobs are held once (see ``BatchPlan.from_dict``)."""
         memo = {} if shared is None else shared
-        params = dict(d["params"])
-        for key, value in params.items():
-            if isinstance(value, str):
-                params[key] = memo.setdefault(value, value)
-        return cls(d["job_id"], JobKind(d["kind"]), d["chunk"], tuple(d["deps"]), params)
+        params = {key: memo.setdefault(value, value) if type(value) is str else value
+                  for key, value in d["params"].items()}
+        return cls(d["job_id"], _KINDS[d["kind"]], d["chunk"], tuple(d["deps"]), params)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 from support import dispatch, make_plan, run_to_success
 
@@ -186,6 +187,21 @@ def test_replay_refuses_an_impossible_recorded_move():
     store.commit()
     log.committed.append(ev.encode(ev.Recorded(store.seq + 1, 1, ev.BatchDone("a"))))
     with pytest.raises(CorruptLog, match=f"line {len(log.committed)}:.*finish"):
+        Store.open(log)
+
+
+@pytest.mark.parametrize(("fields", "says"), [
+    ({}, r"missing \['job_id'\], unexpected \[\]"),
+    ({"job_id": "a/H1", "note": 1}, r"missing \[\], unexpected \['note'\]"),
+    ({"jobid": "a/H1"}, "'job_id'"),
+    ({"job_id": "a/H1", "prompt_id": "p"}, "unexpected"),
+])
+def test_replay_names_the_fields_a_record_has_wrong(fields, says):
+    log = MemoryLog()
+    Store(log).record(ev.InstanceUp("i1"), 0)
+    log.commit()
+    log.committed.append(orjson.dumps({"seq": 2, "ts": 1, "type": "job_ready", "v": 1, **fields}))
+    with pytest.raises(CorruptLog, match=f"line 2: bad fields for job_ready: .*{says}"):
         Store.open(log)
 
 
