@@ -34,13 +34,14 @@ producer's node reported (ComfyUI adds a counter to every file name).
 
 from __future__ import annotations
 
-import copy
 import json
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from statemachine.errors import BadConfig
 
@@ -150,7 +151,7 @@ def render(template: Mapping[str, Any], bindings: Bindings, params: Mapping[str,
     if missing:
         raise BadConfig(f"workflow {template_name!r}: the bindings name parameters the job "
                         f"does not have: {missing}")
-    graph = copy.deepcopy(dict(template))
+    graph = _copy(template)
     removed: set[str] = set()
     for param in named:
         if params[param] is None:
@@ -162,6 +163,12 @@ def render(template: Mapping[str, Any], bindings: Bindings, params: Mapping[str,
                 _set(graph, path, value, template_name)
     _check_no_dangling(graph, removed, template_name)
     return graph
+
+
+def _copy(data: Any) -> Any:
+    """A deep copy of JSON data (templates are checked to be that when loaded): orjson's
+    round trip takes a seventh of ``copy.deepcopy``'s time, on the path to every POST."""
+    return orjson.loads(orjson.dumps(data))
 
 
 def _scalar(value: Any, param: str, template_name: str) -> Any:
@@ -182,7 +189,7 @@ def _apply_none(graph: dict[str, Any], param: str, drops: DropRules, sets: SetRu
     for path in paths:
         _delete(graph, path, template_name)
     for text, value in sets.get(param, {}).items():
-        _set(graph, NodePath.parse(text), copy.deepcopy(value), template_name)
+        _set(graph, NodePath.parse(text), _copy(value), template_name)
     return {path.node for path in paths if path.input is None}
 
 
@@ -363,6 +370,10 @@ def _read_json(path: Path) -> dict[str, Any]:
             isinstance(n, dict) and "class_type" in n for n in graph.values()):
         raise BadConfig(f"workflow template {path}: not an API-format graph "
                         "({node_id: {class_type, inputs}}); export it with 'Export (API)'")
+    try:
+        orjson.dumps(graph)
+    except orjson.JSONEncodeError as exc:  # an integer beyond 64 bits
+        raise BadConfig(f"workflow template {path}: cannot be sent as JSON: {exc}") from None
     return graph
 
 

@@ -9,6 +9,8 @@ durable before its ``POST /prompt`` is sent.
 from __future__ import annotations
 
 import queue
+import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -67,8 +69,29 @@ if TYPE_CHECKING:
 log = structlog.get_logger("comfy_dual.loop")
 
 STATUS_EVERY = 0.5  # seconds between status.json rewrites
+HANDOVER_WAIT = 0.0005  # seconds a turn waits at most for HTTP threads to take its POSTs
 JOB_ENDINGS = (ev.JobSucceeded, ev.JobAttemptFailed, ev.JobFailed, ev.JobLost,
                ev.JobCancelled)
+
+
+def _hand_over(taken: Sequence[threading.Event]) -> None:
+    """Wait, HANDOVER_WAIT at most, until HTTP threads have taken this turn's POSTs.
+
+    They need the GIL, which the loop would otherwise keep through its next turn: a POST
+    would start only at the loop's next system call (measured: 0.45 ms after the hand-over,
+    p50, instead of 0.07 ms). One wait for the turn, not one per POST: the second POST is
+    handed over before the first thread has built its request."""
+    deadline = time.monotonic() + HANDOVER_WAIT
+    for event in taken:
+        event.wait(max(0.0, deadline - time.monotonic()))
+
+
+def new_prompt_id() -> str:
+    """A random UUID4 for a dispatch. ``uuid.uuid4`` reads the kernel's random source, a
+    system call that lets go of the GIL, and the loop waited ~0.1 ms to get it back under
+    load; an id needs to be unique, not unpredictable, so Python's generator (seeded from
+    the kernel's source when it started) does."""
+    return str(uuid.UUID(int=random.getrandbits(128), version=4))
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +108,8 @@ class Agent(Protocol):
     instance_id: str
 
     def submit(self, job_id: str, prompt_id: str, graph: Mapping[str, Any],
-               extra_data: Mapping[str, Any], handoffs: Sequence[Handoff] = ()) -> None: ...
+               extra_data: Mapping[str, Any], handoffs: Sequence[Handoff] = ()
+               ) -> threading.Event | None: ...
     def check(self, job_id: str, prompt_id: str) -> None: ...
     def follow(self, job_id: str, prompt_id: str) -> None: ...
     def stop_prompt(self, prompt_id: str) -> None: ...
@@ -118,7 +142,8 @@ class Loop:
         self.batch_views = BatchViews(self.outputs_dir)
         self.submitted: dict[Path, str | None] = {}  # file -> batch id (None: rejected)
         self.intake = intake
-        self._effects: list[Callable[[], None]] = []
+        self._effects: list[Callable[[], object]] = []
+        self._taken: list[threading.Event] = []  # set when this turn's POSTs are taken
         self._handlers: dict[type, Callable[[Any, float], None]] = {
             Health: self._on_health, Posted: self._on_posted, PostFailed: self._on_post_failed,
             Started: self._on_started, Progress: self._on_progress,
@@ -164,9 +189,11 @@ class Loop:
         effects, self._effects = self._effects, []
         for effect in effects:
             effect()
+        _hand_over(self._taken)
+        self._taken.clear()
         self.write_status(now)
 
-    def defer(self, effect: Callable[[], None]) -> None:
+    def defer(self, effect: Callable[[], object]) -> None:
         """Run ``effect`` after this turn's commit (a file move, a reply, a POST)."""
         self._effects.append(effect)
 
@@ -312,7 +339,7 @@ class Loop:
     def _send(self, job: Job, instance_id: str, now: float) -> None:
         if job.kind is JobKind.COMBINE:
             failpoints.hit("dispatch_combine")
-        prompt_id = str(uuid.uuid4())
+        prompt_id = new_prompt_id()
         self.store.record(ev.JobDispatchIntent(job.job_id, instance_id, prompt_id), now)
         self._post_prompt(job, now)
 
@@ -330,8 +357,13 @@ class Loop:
         except ComfyDualError as exc:
             self._fail(job, f"cannot prepare the workflow: {exc}", now, permanent=True)
             return
-        self.defer(partial(self.agents[job.instance_id].submit, job.job_id, job.prompt_id,
-                           graph, self._extra_data(job), handoffs))
+        self.defer(partial(self._submit, self.agents[job.instance_id], job.job_id,
+                           job.prompt_id, graph, self._extra_data(job), handoffs))
+
+    def _submit(self, agent: Agent, *args: Any) -> None:
+        taken = agent.submit(*args)
+        if taken is not None:
+            self._taken.append(taken)
 
     def _handoff(self, upload: Upload) -> Handoff:
         source = self.agents.get(upload.source)
