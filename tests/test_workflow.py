@@ -194,6 +194,19 @@ def test_load_workflow_rejects_non_api_format(tmp_path: Path) -> None:
         load_workflow(tmp_path / "absent.json")
 
 
+def test_load_workflow_rejects_a_template_json_cannot_carry_to_a_server(tmp_path: Path) -> None:
+    huge = {"3": {"class_type": "KSampler", "inputs": {"seed": 2**70}}}
+    with pytest.raises(BadConfig, match=r"wf\.json: cannot be sent as JSON"):
+        load_workflow(_write(tmp_path, "", huge))
+
+
+def test_a_rendered_graph_shares_nothing_with_its_template(tmp_path: Path) -> None:
+    wf = load_workflow(_write(tmp_path, '[bind]\npositive = "6.inputs.text"\n'))
+    graph = wf.render({"positive": "x"})
+    graph["3"]["inputs"]["seed"] = 99
+    assert wf.template == TEMPLATE and graph["6"]["inputs"]["text"] == "x"
+
+
 @pytest.fixture(scope="module")
 def object_info() -> dict[str, Any]:
     return json.loads(OBJECT_INFO.read_text())
