@@ -150,6 +150,8 @@ def serve(settings: config.Settings, stop: Stop, notifier: Notifier) -> int:
     """Service mode: render whatever arrives in the spool until SIGTERM."""
     layout = SpoolLayout.under(settings.state_dir)
     layout.create()
+    for path in layout.sweep_tmp(time.time()):
+        log.info("🧹 removed a file a writer left unfinished in the spool", file=path)
     intake = Intake(Spool(layout), layout.commands)
     with opened(settings, intake=intake) as loop, _watching(layout, loop.post):
         log.info("👂 watching the spool", incoming=str(layout.incoming))

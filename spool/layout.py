@@ -16,6 +16,7 @@ from statemachine.log import fsync_dir
 
 FORCE_DIR = "force"
 REASON_SUFFIX = b".reason"
+STALE_TMP_AGE = 3600.0  # seconds after which a file left in a tmp/ folder is a writer's leftover
 # Longest name taken from incoming/: leaves room for "<batch_id>-" and ".<n>.reason" within
 # the usual 255-byte limit of a file name.
 MAX_NAME_BYTES = 200
@@ -67,6 +68,27 @@ class SpoolLayout:
             if not directory.is_dir():
                 directory.mkdir(parents=True, exist_ok=True)
                 fsync_dir(directory.parent)
+
+    def sweep_tmp(self, now: float, older_than: float = STALE_TMP_AGE) -> list[str]:
+        """Remove what writers left in ``tmp/`` and ``commands/tmp/`` (a ``submit.py``
+        killed between writing and renaming, an abandoned copy) before ``now -
+        older_than``; returns the removed paths, for the log. A file being written now is
+        younger than that and stays."""
+        removed = []
+        for directory in (self.tmp, self.commands / "tmp"):
+            try:
+                entries = list(os.scandir(directory))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                try:
+                    if entry.is_file(follow_symlinks=False) and \
+                            entry.stat(follow_symlinks=False).st_mtime < now - older_than:
+                        os.unlink(entry.path)
+                        removed.append(display(entry.path))
+                except FileNotFoundError:  # its writer renamed or removed it meanwhile
+                    continue
+        return removed
 
 
 def display(name: str | bytes) -> str:

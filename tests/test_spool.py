@@ -104,6 +104,22 @@ def test_layout_is_created_once_and_again(tmp_path: Path) -> None:
     assert names(layout.incoming) == {"force"}
 
 
+def test_files_left_in_the_tmp_folders_are_swept_once_they_are_old(layout: SpoolLayout) -> None:
+    now = time.time()
+    (layout.commands / "tmp").mkdir()
+    old, cmd, fresh = layout.tmp / "old.txt", layout.commands / "tmp" / "c.json", \
+        layout.tmp / "being-written.txt"
+    for path in (old, cmd, fresh):
+        path.write_bytes(PROMPT)
+    for path in (old, cmd):
+        os.utime(path, (now - 7200, now - 7200))
+    (layout.tmp / "a-dir").mkdir()
+    os.utime(layout.tmp / "a-dir", (now - 7200, now - 7200))
+    assert sorted(layout.sweep_tmp(now)) == sorted([str(old), str(cmd)])
+    assert names(layout.tmp) == {"being-written.txt", "a-dir"}
+    assert layout.sweep_tmp(now) == []
+
+
 def test_a_file_renamed_in_is_taken_as_soon_as_its_event_is_seen(
         layout: SpoolLayout, hints: queue.SimpleQueue[SpoolHint]) -> None:
     spool = Spool(layout, settle=30.0)  # without the event it would wait 30 s
