@@ -86,12 +86,16 @@ def _hand_over(taken: Sequence[threading.Event]) -> None:
         event.wait(max(0.0, deadline - time.monotonic()))
 
 
+_PROMPT_IDS = random.Random()  # seeded from the kernel's random source; its own, so that
+# nobody's random.seed() makes ids repeat
+
+
 def new_prompt_id() -> str:
     """A random UUID4 for a dispatch. ``uuid.uuid4`` reads the kernel's random source, a
     system call that lets go of the GIL, and the loop waited ~0.1 ms to get it back under
-    load; an id needs to be unique, not unpredictable, so Python's generator (seeded from
-    the kernel's source when it started) does."""
-    return str(uuid.UUID(int=random.getrandbits(128), version=4))
+    load; an id needs to be unique, not unpredictable, so a generator seeded from that
+    source when the daemon started does."""
+    return str(uuid.UUID(int=_PROMPT_IDS.getrandbits(128), version=4))
 
 
 @dataclass(frozen=True, slots=True)
