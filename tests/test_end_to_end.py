@@ -11,8 +11,12 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+import structlog
+from structlog.testing import capture_logs
+
 import config
 import daemon
+from instances.agent import InstanceAgent
 from instances.simulator import SimConfig, start_simulator
 from statemachine.log import EventLog
 from statemachine.store import read_records
@@ -83,6 +87,28 @@ def test_three_videos_interleave_on_two_servers_in_dependency_order(tmp_path, si
                   for lo in low.executions() if lo["kind"] == "LOW")
     assert overlap, "the two servers never worked at the same time"
     assert "every batch done" in result.summary
+
+
+def test_each_job_is_narrated_in_order_once_its_post_is_handed_over(tmp_path, sims,
+                                                                      monkeypatch):
+    high, low = sims
+    original = InstanceAgent.submit
+
+    def noted(agent, job_id, *args, **kwargs):
+        structlog.get_logger("test").info("handed over", job=job_id)
+        return original(agent, job_id, *args, **kwargs)
+
+    monkeypatch.setattr(InstanceAgent, "submit", noted)
+    with capture_logs() as logs:
+        result = run(settings_for(tmp_path / "state", high.port, low.port),
+                     [prompt_file(tmp_path, "a", 202)])
+    assert result.all_done
+    said = [(line["event"].split(" ")[0], line.get("job")) for line in logs if "job" in line]
+    for job in (f"b0001/{step}" for step in ("H1", "L1", "H2", "L2", "C1", "C2")):
+        handed, executing = said.index(("handed", job)), said.index(("🔄", job))
+        assert handed < executing < said.index(("✔️", job))
+    assert [job for word, job in said if word == "✔️"] == \
+        ["b0001/H1", "b0001/L1", "b0001/H2", "b0001/L2", "b0001/C1", "b0001/C2"]
 
 
 def test_single_instance_mode_runs_everything_on_one_server(tmp_path, sims):
