@@ -371,11 +371,13 @@ class Loop:
         except ComfyDualError as exc:
             self._fail(job, f"cannot prepare the workflow: {exc}", now, permanent=True)
             return
-        self.defer(partial(self._submit, self.agents[job.instance_id], job.job_id,
-                           job.prompt_id, graph, self._extra_data(job), handoffs))
+        self.defer(partial(self._hand, partial(
+            self.agents[job.instance_id].submit, job.job_id, job.prompt_id, graph,
+            self._extra_data(job), handoffs)))
 
-    def _submit(self, agent: Agent, *args: Any) -> None:
-        taken = agent.submit(*args)
+    def _hand(self, submit: Callable[[], threading.Event | None]) -> None:
+        """Run ``submit``; the turn waits for what it hands over (``_hand_over``)."""
+        taken = submit()
         if taken is not None:
             self._taken.append(taken)
 

@@ -74,7 +74,7 @@ class SpoolLayout:
         killed between writing and renaming, an abandoned copy) before ``now -
         older_than``; returns the removed paths, for the log. A file being written now is
         younger than that and stays."""
-        removed = []
+        removed: list[str] = []
         for directory in (self.tmp, self.commands / "tmp"):
             try:
                 entries = list(os.scandir(directory))
