@@ -22,8 +22,10 @@ value and what is allowed. Nothing here writes files or opens connections.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import difflib
+import ipaddress
 import math
 import re
 import tomllib
@@ -35,7 +37,7 @@ from typing import Any, NoReturn
 
 from statemachine.errors import BadConfig
 from statemachine.plan import JobKind
-from statemachine.planner import SIZE_RULE, valid_size
+from statemachine.planner import MIN_FRAMES_PER_CHUNK, SIZE_RULE, valid_size
 
 # --- the settings a user edits ------------------------------------------------------------
 
@@ -55,8 +57,12 @@ SINGLE_INSTANCE_CONFIG = {"instance_id": "single", "host": "127.0.0.1", "port": 
 MAX_RETRIES = 3             # retries after the first attempt
 RETRY_DELAY = 5             # seconds before the first retry; doubles for each further one
 RETRY_DELAY_MAX = 300       # ... but never more than this
-FRAMES_PER_CHUNK = 101
-MAX_FRAMES = 100_000        # prompt files asking for more are rejected
+FRAMES_PER_CHUNK = 101     # at least 5 (Wan renders 4n+1 frames)
+# What one prompt file may ask for; a file over any limit is rejected with the limit named.
+MAX_FRAMES = 100_000
+MAX_CHUNKS = 1_000          # chunks of one video (each is three jobs)
+MAX_PROMPT_CHARS = 10_000   # characters of the positive, and of the negative, prompt
+MAX_FILE_BYTES = 1_048_576  # larger files are refused unread
 DEFAULT_WIDTH = 832         # multiples of 16 (Wan)
 DEFAULT_HEIGHT = 480
 COMBINE_GATE = "batch"      # "batch": after the batch's renders; "global": after all renders
@@ -134,6 +140,9 @@ class Settings:
     retry_delay_max: float
     frames_per_chunk: int
     max_frames: int
+    max_chunks: int
+    max_prompt_chars: int
+    max_file_bytes: int
     default_width: int
     default_height: int
     combine_gate: str
@@ -267,12 +276,34 @@ def _instance_id(key: str, value: Any) -> str:
     return value
 
 
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
 def _host(key: str, value: Any) -> str:
+    """A host name, an IPv4 address, or an IPv6 address (bracketed or not; kept without
+    the brackets, which ``InstanceConfig.url`` adds): nothing a URL could misread."""
     text = _text(key, value)
-    if "/" in text or text != text.strip() or text.count(":") == 1:
-        _fail(key, value, "must be a host name or IP address only, without scheme, path or "
-                          "port, e.g. '127.0.0.1'")
-    return text
+    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if ":" in bare and "%" not in bare:  # a zone (fe80::1%eth0) would need URL escaping
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.IPv6Address(bare))
+    elif bare == text and _is_host_name(text):
+        return text
+    _fail(key, value, "must be a host name, an IPv4 address or an IPv6 address only, "
+                      "without scheme, port or path, e.g. '127.0.0.1', 'gpu-box.lan' or "
+                      "'[::1]'")
+
+
+def _is_host_name(text: str) -> bool:
+    labels = text.removesuffix(".").split(".")
+    if len(text) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        return False
+    if all(label.isdigit() for label in labels):  # looks like an address: must be one
+        try:
+            ipaddress.IPv4Address(text)
+        except ValueError:
+            return False
+    return True
 
 
 _INSTANCE_CHECKS: dict[str, Callable[[str, Any], Any]] = {
@@ -309,8 +340,12 @@ def _instance_list(key: str, value: Any) -> tuple[InstanceConfig, ...]:
 _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "ENABLE_DUAL_INSTANCE": _flag, "COMFYUI_INSTANCES": _instance_list,
     "SINGLE_INSTANCE_CONFIG": _instance, "MAX_RETRIES": _int_in(0),
-    "RETRY_DELAY": _seconds, "RETRY_DELAY_MAX": _seconds, "FRAMES_PER_CHUNK": _int_in(1),
-    "MAX_FRAMES": _int_in(1), "DEFAULT_WIDTH": _size, "DEFAULT_HEIGHT": _size,
+    "RETRY_DELAY": _seconds, "RETRY_DELAY_MAX": _seconds,
+    "FRAMES_PER_CHUNK": _int_in(MIN_FRAMES_PER_CHUNK), "MAX_FRAMES": _int_in(1),
+    # bounds that keep one batch's event-log line under 1 MiB and its jobs in memory
+    "MAX_CHUNKS": _int_in(1, 100_000), "MAX_PROMPT_CHARS": _int_in(1, 50_000),
+    "MAX_FILE_BYTES": _int_in(1, 64 << 20),
+    "DEFAULT_WIDTH": _size, "DEFAULT_HEIGHT": _size,
     "COMBINE_GATE": _choice(*COMBINE_GATES), "COMBINE_CONCURRENCY": _int_in(1),
     "FALLBACK": _flag, "STATE_DIR": _path, "INSTANCE_LOST_TIMEOUT": _seconds,
     "JOB_TIMEOUT": _seconds,
@@ -461,6 +496,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
             from None
     except tomllib.TOMLDecodeError as exc:
         raise BadConfig(_toml_error(path, str(exc))) from None
+    except (RecursionError, ValueError) as exc:  # nested too deep, a number too long
+        raise BadConfig(f"config file {path}: cannot be read: "
+                        f"{type(exc).__name__}: {exc}") from None
 
 
 def _toml_error(path: Path, message: str) -> str:

@@ -38,11 +38,11 @@ from service.notify import Notifier
 from service.summary import figures, render_summary
 from spool.intake import Spool
 from spool.layout import SpoolLayout
+from spool.reading import plan_file
 from spool.watcher import SpoolWatcher
-from statemachine.errors import BadConfig, ComfyDualError
+from statemachine.errors import BadConfig, BadInput, ComfyDualError
 from statemachine.log import EventLog
 from statemachine.plan import JobKind
-from statemachine.planner import plan_prompt_file
 from statemachine.store import Policy, Store, read_records
 from statemachine.timeline import build_timeline
 
@@ -64,6 +64,7 @@ class RunResult:
     all_done: bool
     makespan: float
     summary: str
+    refused: bool = False  # a file was refused after the start-up check (it changed)
 
 
 def policy_of(settings: config.Settings) -> Policy:
@@ -134,16 +135,18 @@ def run_files(settings: config.Settings, files: Sequence[Path], stop: Stop, *,
     """Render ``files`` to the end (or until ``stop``) and summarise the run. A file that
     is identical to an earlier batch is that batch, unless ``force``."""
     with opened(settings) as loop:
-        for path in files:
-            loop.post(SubmitFile(path, force))
-        loop.run_until(lambda: _files_finished(loop, files), stop=stop)
+        for index, path in enumerate(files):
+            loop.post(SubmitFile(index, path, force))
+        loop.run_until(lambda: _files_finished(loop, len(files)), stop=stop)
         loop.store.commit()
-        batch_ids = tuple(b for b in (loop.submitted.get(f) for f in files) if b)
+        outcomes = [loop.submitted.get(index) for index in range(len(files))]
         tl = build_timeline(read_records(loop.store.log))
+    batch_ids = tuple(dict.fromkeys(b for b in outcomes if b))  # a file named twice: once
+    refused = [str(path) for path, b in zip(files, outcomes, strict=True) if b is None]
     fig = figures(tl, batch_ids, settings.instances)
-    rejected = any(loop.submitted.get(f) is None for f in files)
-    return RunResult(batch_ids, fig.all_done and not rejected and not stop(), fig.makespan,
-                     render_summary(tl, batch_ids, settings.instances))
+    return RunResult(batch_ids, fig.all_done and not refused and not stop(), fig.makespan,
+                     render_summary(tl, batch_ids, settings.instances, refused=refused),
+                     refused=bool(refused))
 
 
 def serve(settings: config.Settings, stop: Stop, notifier: Notifier) -> int:
@@ -152,7 +155,7 @@ def serve(settings: config.Settings, stop: Stop, notifier: Notifier) -> int:
     layout.create()
     for path in layout.sweep_tmp(time.time()):
         log.info("🧹 removed a file a writer left unfinished in the spool", file=path)
-    intake = Intake(Spool(layout), layout.commands)
+    intake = Intake(Spool(layout, max_bytes=settings.max_file_bytes), layout.commands)
     with opened(settings, intake=intake) as loop, _watching(layout, loop.post):
         log.info("👂 watching the spool", incoming=str(layout.incoming))
         ready, told = False, float("-inf")
@@ -188,8 +191,8 @@ def _watching(layout: SpoolLayout, post: Callable[[object], None]) -> Iterator[N
         watcher.stop()
 
 
-def _files_finished(loop: Loop, files: Sequence[Path]) -> bool:
-    if len(loop.submitted) < len(set(files)):
+def _files_finished(loop: Loop, count: int) -> bool:
+    if len(loop.submitted) < count:
         return False
     return loop.batches_finished([b for b in loop.submitted.values() if b])
 
@@ -220,8 +223,15 @@ def simulated(settings: config.Settings, durations: dict[str, float]) -> Iterato
     sim_config = SimConfig(durations=durations,
                            progress_nodes=PROGRESS_NODES | DEMO_PROGRESS_NODES)
     shared = settings.artifact_dir if settings.artifact_transfer == "path" else None
-    sims = [start_simulator(port, sim_config, output_dir=shared) for port in ports]
+    sims = []
     try:
+        for port in ports:
+            try:
+                sims.append(start_simulator(port, sim_config, output_dir=shared))
+            except OSError as exc:
+                raise BadConfig(f"--simulate: cannot listen on port {port} "
+                                f"({exc.strerror or exc}): stop what uses it, or give "
+                                "COMFYUI_INSTANCES other ports") from None
         yield
     finally:
         for sim in sims:
@@ -247,18 +257,51 @@ def dry_run(settings: config.Settings, files: Sequence[Path],
     for problem in problems:
         print(f"workflow problem: {problem}", file=sys.stderr)
     out = settings.state_dir / "dry-run"
+    refused = False
     for n, path in enumerate(files, start=1):
-        plan = plan_prompt_file(path.read_bytes(), path.name, batch_id=f"b{n:04d}",
-                                settings=settings)
+        try:
+            plan = plan_file(path, settings, batch_id=f"b{n:04d}")
+        except BadInput as exc:
+            print(f"{path}: refused: {exc}", file=sys.stderr)
+            refused = True
+            continue
         batch_dir = out / plan.batch_id
         batch_dir.mkdir(parents=True, exist_ok=True)
-        (batch_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
+        plan_json = {**plan.to_dict(), "jobs": [job.to_dict() for job in plan.jobs]}
+        (batch_dir / "plan.json").write_text(json.dumps(plan_json, indent=2))
         for job in plan.jobs:
             graph = workflows[job.kind].render(job.params)
             name = job.job_id.replace("/", "_") + ".json"
             (batch_dir / name).write_text(json.dumps(graph, indent=2, ensure_ascii=False))
         print(f"{path}: {plan.batch_id} {plan.name!r}, {len(plan.jobs)} jobs -> {batch_dir}")
-    return 1 if problems else 0
+    return 2 if refused else 1 if problems else 0
+
+
+def refusals(settings: config.Settings, files: Sequence[Path]) -> list[str]:
+    """What is wrong with each file that cannot be rendered, checked before any work."""
+    problems = []
+    for path in files:
+        try:
+            plan_file(path, settings)
+        except BadInput as exc:
+            problems.append(f"{path}: refused: {exc}")
+    return problems
+
+
+def usable_state_dir(path: Path) -> None:
+    """Create STATE_DIR if needed; BadConfig if it cannot be, or cannot be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise BadConfig(f"STATE_DIR = {str(path)!r}: exists and is not a directory; "
+                        "name a directory (--state-dir)") from None
+    except OSError as exc:
+        raise BadConfig(f"STATE_DIR = {str(path)!r}: cannot be created "
+                        f"({exc.strerror or exc}); name a directory you may write "
+                        "(--state-dir)") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise BadConfig(f"STATE_DIR = {str(path)!r}: not writable by this user; name a "
+                        "directory you may write (--state-dir)")
 
 
 # --- command line ------------------------------------------------------------------------
@@ -305,6 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = config.settings_from_args(args)
         durations = sim_durations(args.sim_duration)
+        usable_state_dir(settings.state_dir)
     except BadConfig as exc:
         print(f"comfy-dual: bad configuration: {exc}", file=sys.stderr)
         return 2
@@ -315,6 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BadConfig as exc:
             print(f"comfy-dual: bad configuration: {exc}", file=sys.stderr)
             return 2
+        except OSError as exc:
+            print(f"comfy-dual: cannot write the dry run: {exc}", file=sys.stderr)
+            return 1
     setup_logging(settings.state_dir / "logs", verbose=args.verbose)
     stop = Stop()
     stop.install()
@@ -327,10 +374,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ComfyDualError as exc:
         log.error(f"comfy-dual stopped: {exc}")
         return 1
+    except OSError as exc:  # the state directory failing under us, say
+        log.error(f"comfy-dual stopped: {exc}")
+        return 1
 
 
 def one_shot(args: argparse.Namespace, settings: config.Settings,
              durations: dict[str, float], stop: Stop) -> int:
+    """Render the files named; exit 2 before any work if one of them cannot be."""
+    problems = refusals(settings, args.files)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        return 2
     sims = simulated(settings, durations) if args.simulate else contextlib.nullcontext()
     with sims:
         result = run_files(settings, args.files, stop, force=args.force)
@@ -344,7 +400,7 @@ def one_shot(args: argparse.Namespace, settings: config.Settings,
         print(f"\nSame files on one server: makespan {alone.makespan:.1f} s; with "
               f"{len(settings.instances)} servers {result.makespan:.1f} s: speed-up "
               f"{alone.makespan / max(result.makespan, 1e-9):.2f}x")
-    return 0 if result.all_done else 1
+    return 2 if result.refused else 0 if result.all_done else 1
 
 
 if __name__ == "__main__":

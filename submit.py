@@ -33,10 +33,12 @@ import config
 from service import report
 from service.status import STATUS_VERSION, BatchViews, status_view
 from spool.layout import MAX_NAME_BYTES, SpoolLayout
+from spool.reading import read_prompt_file
+from statemachine.admission import admit
 from statemachine.errors import BadConfig, BadInput, ComfyDualError
 from statemachine.job import BATCH_FINAL
 from statemachine.log import fsync_dir
-from statemachine.planner import PromptSpec, parse_prompt_file, safe_name
+from statemachine.plan import safe_name
 from statemachine.store import Store, read_records
 from statemachine.timeline import Timeline, build_timeline
 
@@ -309,20 +311,17 @@ def error(message: str) -> None:
 class Prompt:
     path: Path
     data: bytes
-    spec: PromptSpec
+    video: str
 
 
-def read_prompt(path: Path, max_frames: int) -> Prompt:
+def read_prompt(path: Path, settings: config.Settings) -> Prompt:
     """Read and check one prompt file as the daemon will; BadInput says what is wrong."""
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise BadInput(f"{path}: cannot read it: {exc.strerror or exc}") from None
-    try:
-        spec = parse_prompt_file(data, path.name, max_frames=max_frames)
+        data = read_prompt_file(path, settings.max_file_bytes)
+        plan = admit(data, path.name, batch_id="b0000", settings=settings)
     except BadInput as exc:
         raise BadInput(f"{path}: {exc}") from None
-    return Prompt(path, data, spec)
+    return Prompt(path, data, plan.name)
 
 
 def spool_name(path: Path, token: str) -> str:
@@ -377,7 +376,7 @@ def cmd_submit(args: argparse.Namespace, settings: config.Settings, files: State
     prompts, problems = [], []
     for path in args.files:
         try:
-            prompts.append(read_prompt(path, settings.max_frames))
+            prompts.append(read_prompt(path, settings))
         except BadInput as exc:
             problems.append(str(exc))
     if problems:
@@ -389,7 +388,7 @@ def cmd_submit(args: argparse.Namespace, settings: config.Settings, files: State
     deadline = time.monotonic() + args.wait
     code = 0
     for prompt, name in zip(prompts, names, strict=True):
-        head = f"{prompt.path} -> {name} (video {prompt.spec.name!r})"
+        head = f"{prompt.path} -> {name} (video {prompt.video!r})"
         if not running:
             print(f"{head}: the daemon is not running; it will take the file when it starts")
             continue

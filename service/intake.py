@@ -46,9 +46,10 @@ class Intake:
     def _decide(self, loop: Loop, c: Candidate, now: float) -> str | None:
         """The batch id ``c`` belongs to (recording a new batch if needed), or None when it
         was rejected."""
-        earlier = loop.store.batches.get(loop.store.by_sha256.get(c.sha256, ""))
-        if earlier is not None and earlier.plan.source == c.name \
-                and not self.spool.was_accepted(earlier.batch_id, c.name):
+        earlier = loop.batch_of(c.data)
+        if earlier is not None and earlier.plan.file_id == c.ident:
+            log.info("↩️ file recorded before a restart, filed now", file=c.name,
+                     batch=earlier.batch_id)
             return earlier.batch_id  # recorded just before a crash, never moved
         if earlier is not None and not c.force:
             self.spool.reject(c, f"same content as batch {earlier.batch_id} "
@@ -57,11 +58,10 @@ class Intake:
                               "again", now)
             return None
         try:
-            plan = loop.plan(c.data, c.name)
+            return loop.admit_file(c.data, c.name, now, file_id=c.ident)
         except BadInput as exc:
             self.spool.reject(c, str(exc), now)
             return None
-        return loop.record_batch(plan, now)
 
     def _run_commands(self, loop: Loop, now: float) -> None:
         commands, unreadable = pending_commands(self.commands)

@@ -8,6 +8,7 @@ durable before its ``POST /prompt`` is sent.
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import random
 import threading
@@ -44,9 +45,11 @@ from instances.artifacts import (
 from instances.client import JobOutcome
 from instances.workflow import Workflow
 from service.status import BatchViews, BusyMeter, status_view, write_status_file
+from spool.reading import read_prompt_file
 from spool.watcher import SpoolHint
 from statemachine import events as ev
 from statemachine import failpoints
+from statemachine.admission import record_file
 from statemachine.errors import (
     BadConfig,
     BadInput,
@@ -57,8 +60,7 @@ from statemachine.errors import (
     ServerError,
 )
 from statemachine.job import BATCH_FINAL, Batch, BatchState, Job, JobState
-from statemachine.plan import BatchPlan, JobKind
-from statemachine.planner import plan_prompt_file
+from statemachine.plan import JobKind
 from statemachine.rules import cancel_batch, failure_event, retry_batch, settle
 from statemachine.scheduler import schedule
 from statemachine.store import Store
@@ -100,8 +102,10 @@ def new_prompt_id() -> str:
 
 @dataclass(frozen=True, slots=True)
 class SubmitFile:
-    """A prompt file named on the command line, to plan and record as a batch."""
+    """The ``index``-th prompt file named on the command line, to plan and record as a
+    batch (a path named twice is two files)."""
 
+    index: int
     path: Path
     force: bool = False
 
@@ -144,7 +148,7 @@ class Loop:
         self.unfit: dict[str, tuple[str, ...]] = {}  # instance -> workflow problems there
         self.outputs_dir = Path(settings.state_dir) / "outputs"
         self.batch_views = BatchViews(self.outputs_dir)
-        self.submitted: dict[Path, str | None] = {}  # file -> batch id (None: rejected)
+        self.submitted: dict[int, str | None] = {}  # SubmitFile.index -> batch id or None
         self.intake = intake
         self._effects: list[Callable[[], object]] = []
         self._taken: list[threading.Event] = []  # set when this turn's POSTs are taken
@@ -286,27 +290,30 @@ class Loop:
         """One-shot mode: a file identical to an earlier batch is that batch (resumed if
         unfinished, reported if ended), unless ``force`` asks for a new render."""
         try:
-            data = message.path.read_bytes()
-            plan = self.plan(data, message.path.name)
-        except (OSError, BadInput) as exc:
+            data = read_prompt_file(message.path, self.settings.max_file_bytes)
+            earlier = self.batch_of(data)
+            if earlier is not None and not message.force:
+                log.info("↩️ same file as an earlier batch: taking that one",
+                         file=str(message.path), batch=earlier.batch_id,
+                         state=earlier.state.value)
+                batch_id: str | None = earlier.batch_id
+            else:
+                batch_id = self.admit_file(data, message.path.name, now)
+        except BadInput as exc:
             log.error("❌ prompt file refused", file=str(message.path), reason=str(exc))
-            self.submitted[message.path] = None
-            return
-        earlier = self.store.batches.get(self.store.by_sha256.get(plan.sha256, ""))
-        if earlier is not None and not message.force:
-            log.info("↩️ same file as an earlier batch: taking that one", file=plan.source,
-                     batch=earlier.batch_id, state=earlier.state.value)
-            self.submitted[message.path] = earlier.batch_id
-        else:
-            self.submitted[message.path] = self.record_batch(plan, now)
+            batch_id = None
+        self.submitted[message.index] = batch_id
 
-    def plan(self, data: bytes, name: str) -> BatchPlan:
-        """Plan a prompt file under the next batch id; BadInput says why it cannot be."""
-        return plan_prompt_file(data, name, batch_id=f"b{len(self.store.batches) + 1:04d}",
-                                settings=self.settings)
+    def batch_of(self, data: bytes) -> Batch | None:
+        """The latest batch recorded from a file of exactly these bytes, if any."""
+        sha256 = hashlib.sha256(data).hexdigest()
+        return self.store.batches.get(self.store.by_sha256.get(sha256, ""))
 
-    def record_batch(self, plan: BatchPlan, now: float) -> str:
-        self.store.record(ev.BatchAccepted(plan), now)
+    def admit_file(self, data: bytes, name: str, now: float,
+                   file_id: tuple[int, int, int] | None = None) -> str:
+        """Plan and record a prompt file as the next batch; returns its id. BadInput, and
+        nothing recorded, when the file cannot be a batch, whatever the reason."""
+        plan = record_file(self.store, self.settings, data, name, now, file_id)
         log.info("📥 batch accepted", batch=plan.batch_id, video=plan.name, file=plan.source,
                  chunks=len(plan.jobs) // 3, frames=plan.total_frames)
         return plan.batch_id

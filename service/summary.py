@@ -35,7 +35,8 @@ def figures(tl: Timeline, batch_ids: Sequence[str], instances: Sequence[Any]) ->
     )
 
 
-def render_summary(tl: Timeline, batch_ids: Sequence[str], instances: Sequence[Any]) -> str:
+def render_summary(tl: Timeline, batch_ids: Sequence[str], instances: Sequence[Any], *,
+                   refused: Sequence[str] = ()) -> str:
     fig = figures(tl, batch_ids, instances)
     lines = ["", "Batches"]
     for b in batch_ids:
@@ -49,6 +50,9 @@ def render_summary(tl: Timeline, batch_ids: Sequence[str], instances: Sequence[A
         lines.append(f"  {i.instance_id:<16} {i.host}:{i.port:<6} {types:<17} "
                      f"{fig.jobs_run[i.instance_id]:>4} jobs  busy "
                      f"{fig.busy[i.instance_id]:6.1%}")
+    for path in refused:
+        lines.append(f"Refused: {path} (the log says why)")
     lines.append(f"Makespan {fig.makespan:.1f} s; "
-                 + ("every batch done." if fig.all_done else "NOT every batch is done."))
+                 + ("every batch done." if fig.all_done and not refused
+                    else "NOT every batch is done."))
     return "\n".join(lines)

@@ -33,6 +33,7 @@ from spool.layout import (
     display,
     free_name,
 )
+from spool.reading import kind_refusal, read_at_most, size_refusal
 from spool.settle import Ident, Settle, ident
 from spool.watcher import SpoolHint
 from statemachine.log import fsync_dir, write_atomic
@@ -42,8 +43,6 @@ log = structlog.get_logger("comfy_dual.spool")
 
 SCAN_LIMIT = 500
 SCAN_BYTES = 32 * 1024 * 1024  # file data one scan may read (500 files of 1 MiB is too much)
-_SPECIAL = {stat.S_IFIFO: "FIFO (named pipe)", stat.S_IFSOCK: "socket",
-            stat.S_IFCHR: "character device", stat.S_IFBLK: "block device"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,23 +274,15 @@ def _listing(directory: Path, *, force: bool) -> Iterator[_Entry]:
 
 def _refusal(entry: _Entry, max_bytes: int) -> str | None:
     """Why the spool refuses the entry without reading it, or None."""
-    mode = entry.st.st_mode
     raw = os.fsencode(entry.name)
-    if stat.S_ISDIR(mode):
-        return "a directory, not a prompt file: drop the files themselves"
-    if stat.S_ISLNK(mode):
-        return "a symbolic link (links are not followed): drop the file itself"
-    if not stat.S_ISREG(mode):
-        kind = _SPECIAL.get(stat.S_IFMT(mode), "special file")
-        return f"a {kind}, not a regular file: drop a regular file"
+    why = kind_refusal(entry.st.st_mode)
+    if why is not None:
+        return why
     if not _is_utf8(raw):
         return "the file name is not valid UTF-8: rename it"
     if len(raw) > MAX_NAME_BYTES:
         return f"the file name is {len(raw)} bytes long, at most {MAX_NAME_BYTES}: shorten it"
-    if entry.st.st_size > max_bytes:
-        return (f"{entry.st.st_size:,} bytes: larger than the 1 MiB limit "
-                f"({max_bytes:,} bytes)")
-    return None
+    return size_refusal(entry.st.st_size, max_bytes)
 
 
 def _is_utf8(raw: bytes) -> bool:
@@ -309,13 +300,9 @@ def _read(entry: _Entry) -> Candidate | None:
     fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         before = os.fstat(fd)
-        if not stat.S_ISREG(before.st_mode) or ident(before) != ident(entry.st):
+        if kind_refusal(before.st_mode) or ident(before) != ident(entry.st):
             return None
-        chunks, left = [], before.st_size + 1  # one more byte reveals a file still growing
-        while left > 0 and (chunk := os.read(fd, left)):
-            chunks.append(chunk)
-            left -= len(chunk)
-        data = b"".join(chunks)
+        data = read_at_most(fd, before.st_size + 1)  # one more byte: a file still growing
         if len(data) != before.st_size or ident(os.fstat(fd)) != ident(before):
             return None
     finally:

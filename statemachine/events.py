@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 import orjson
 
 from statemachine.errors import CorruptLog
-from statemachine.plan import BatchPlan
+from statemachine.plan import BatchPlan, upcast_v1
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: batch_accepted records the plan's inputs, not every job
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +270,18 @@ def encode(rec: Recorded) -> bytes:
     return orjson.dumps(body) + b"\n"
 
 
+def _upcast(body: dict[str, Any], version: Any) -> dict[str, Any]:
+    """A record of an older schema version in today's form."""
+    if version != 1:
+        raise CorruptLog(f"event schema version {version!r} is not supported")
+    if body["type"] == BatchAccepted.type:
+        try:
+            body["plan"] = upcast_v1(body["plan"])
+        except (KeyError, IndexError, TypeError) as exc:
+            raise CorruptLog(f"bad version 1 plan ({exc!r})") from None
+    return body
+
+
 def decode(line: bytes) -> Recorded:
     """Parse one log line; anything unexpected is a ``CorruptLog`` (the caller adds where)."""
     return Recorded(*parse(line))
@@ -285,7 +297,7 @@ def parse(line: bytes) -> tuple[int, float, Event]:
     except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
         raise CorruptLog(f"not an event record ({exc})") from None
     if version != SCHEMA_VERSION:
-        raise CorruptLog(f"event schema version {version!r} is not supported")
+        body = _upcast(body, version)
     try:
         keys, read = _READERS[tag]
     except (KeyError, TypeError):

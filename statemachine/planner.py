@@ -26,11 +26,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from statemachine.errors import BadInput
-from statemachine.plan import BatchPlan, JobKind, JobSpec, job_id
+from statemachine.plan import BatchPlan, safe_name
 
-MAX_FILE_BYTES = 1_048_576
+MAX_FILE_BYTES = 1_048_576  # the defaults of the settings of the same names
+MAX_PROMPT_CHARS = 10_000
+MAX_CHUNKS = 1_000
+MIN_FRAMES_PER_CHUNK = 5  # Wan renders 4n+1 frames: a chunk below 5 is no chunk
+FRAME_DIGITS = 12  # a frame count is read as a number only up to this many digits
 MAX_NAME_CHARS = 200
-SAFE_NAME_CHARS = 80
 SIZE_MIN, SIZE_MAX, SIZE_STEP = 16, 8192, 16
 SIZE_RULE = f"a multiple of {SIZE_STEP} from {SIZE_MIN} to {SIZE_MAX}"
 SEED_MAX = 2**64 - 1
@@ -62,11 +65,23 @@ class PromptSpec:
     priority: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one prompt file may ask for (the settings of the same names)."""
+
+    max_file_bytes: int = MAX_FILE_BYTES
+    max_frames: int = 100_000
+    max_prompt_chars: int = MAX_PROMPT_CHARS
+
+
 class PlanDefaults(Protocol):
     """The settings :func:`plan_prompt_file` reads (``config.Settings`` has them)."""
 
     frames_per_chunk: int
     max_frames: int
+    max_file_bytes: int
+    max_prompt_chars: int
+    max_chunks: int
     default_width: int
     default_height: int
 
@@ -74,18 +89,18 @@ class PlanDefaults(Protocol):
 # --- parsing ------------------------------------------------------------------------------
 
 
-def parse_prompt_file(data: bytes, filename: str, *, max_frames: int) -> PromptSpec:
+def parse_prompt_file(data: bytes, filename: str, limits: Limits = Limits()) -> PromptSpec:
     """Parse and check one prompt file; ``filename`` ending in ``.toml`` selects TOML."""
-    text = _decode(data)
+    text = _decode(data, limits.max_file_bytes)
     is_toml = filename.lower().endswith(".toml")
     fields = _toml_fields(text) if is_toml else _block_fields(text)
-    return _checked_spec(fields, max_frames)
+    return _checked_spec(fields, limits)
 
 
-def _decode(data: bytes) -> str:
-    if len(data) > MAX_FILE_BYTES:
+def _decode(data: bytes, max_bytes: int) -> str:
+    if len(data) > max_bytes:
         raise BadInput(f"file is too large: {len(data):,} bytes; the limit is "
-                       f"{MAX_FILE_BYTES:,} bytes (1 MiB)")
+                       f"{max_bytes:,} bytes (MAX_FILE_BYTES)")
     try:
         text = data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
@@ -123,6 +138,10 @@ def _toml_fields(text: str) -> dict[str, Any]:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise BadInput(f"TOML syntax error: {exc}") from None
+    except RecursionError:
+        raise BadInput("TOML nests arrays or tables too deeply to be read") from None
+    except ValueError as exc:  # an integer of thousands of digits, say
+        raise BadInput(f"TOML value cannot be read: {exc}") from None
     known = (*_TOML_TEXT_KEYS, *_TOML_INT_KEYS)
     for key in table:
         if key not in known:
@@ -157,19 +176,29 @@ def _quote(value: Any, limit: int = 40) -> str:
 # --- checking -----------------------------------------------------------------------------
 
 
-def _checked_spec(fields: dict[str, Any], max_frames: int) -> PromptSpec:
+def _checked_spec(fields: dict[str, Any], limits: Limits) -> PromptSpec:
     spec = PromptSpec(name=_checked_name(fields["name"]),
-                      frames=_checked_frames(fields["frames"], max_frames),
-                      positive=fields["positive"].strip(),
-                      negative=fields.get("negative", "").strip(),
+                      frames=_checked_frames(fields["frames"], limits.max_frames),
+                      positive=_checked_prompt("positive", fields["positive"],
+                                               limits.max_prompt_chars),
+                      negative=_checked_prompt("negative", fields.get("negative", ""),
+                                               limits.max_prompt_chars),
                       seed=fields.get("seed"),
                       frames_per_chunk=fields.get("frames_per_chunk"),
                       width=fields.get("width"), height=fields.get("height"),
                       priority=fields.get("priority", 0))
     if not spec.positive:
         raise BadInput("the positive prompt is empty: say what the video should show")
-    _check_optional_ranges(spec, max_frames)
+    _check_optional_ranges(spec, limits.max_frames)
     return spec
+
+
+def _checked_prompt(which: str, raw: str, max_chars: int) -> str:
+    text = raw.strip()
+    if len(text) > max_chars:
+        raise BadInput(f"the {which} prompt is {len(text):,} characters long; the limit is "
+                       f"{max_chars:,} (MAX_PROMPT_CHARS)")
+    return text
 
 
 def _checked_name(raw: str) -> str:
@@ -204,13 +233,17 @@ def _checked_frames(value: int | str, max_frames: int) -> int:
 def _frames_from_text(block: str) -> int:
     if not re.fullmatch(r"[0-9]+", block, re.ASCII):
         raise BadInput(f"the frame count (block 2) is {_quote(block)}, not a positive integer")
+    if len(block) > FRAME_DIGITS:
+        raise BadInput(f"the frame count (block 2) has {len(block):,} digits; a frame count "
+                       f"has at most {FRAME_DIGITS}")
     return int(block)
 
 
 def _check_optional_ranges(spec: PromptSpec, max_frames: int) -> None:
     size_rule = f"{SIZE_RULE} (Wan needs sizes divisible by {SIZE_STEP})"
     rules = (("seed", lambda v: 0 <= v <= SEED_MAX, f"0 to {SEED_MAX}"),
-             ("frames_per_chunk", lambda v: 1 <= v <= max_frames, f"1 to {max_frames}"),
+             ("frames_per_chunk", lambda v: MIN_FRAMES_PER_CHUNK <= v <= max_frames,
+              f"{MIN_FRAMES_PER_CHUNK} to {max_frames} (Wan renders 4n+1 frames)"),
              ("width", valid_size, size_rule), ("height", valid_size, size_rule))
     for key, ok, allowed in rules:
         value = getattr(spec, key)
@@ -218,100 +251,50 @@ def _check_optional_ranges(spec: PromptSpec, max_frames: int) -> None:
             raise BadInput(f"{key} = {value} is out of range; use {allowed}")
 
 
-# --- paths --------------------------------------------------------------------------------
-
-
-def safe_name(name: str) -> str:
-    """The form of a video name used in paths: one harmless path component.
-
-    Letters and digits (any script), ``-``, ``_`` and ``.`` stay; anything else, and any
-    run of dots, becomes ``_``; leading dots and underscores go; at most 80 characters;
-    ``"video"`` when nothing is left. So no name can leave its batch directory.
-    """
-    normal = unicodedata.normalize("NFC", name)
-    kept = "".join(c if c.isalnum() or c in "-_." else "_" for c in normal)
-    cleaned = re.sub(r"\.{2,}", "_", kept).lstrip("._")[:SAFE_NAME_CHARS]
-    return cleaned or "video"
-
-
-def _artifact_paths(directory: str, k: int) -> dict[str, str | None]:
-    """Paths relative to the artifact root; LOW(k) writes ref k, HIGH(k+1) reads it."""
-    previous = k - 1
-    return {
-        "latent_path": f"{directory}/latent/chunk_{k:03}.latent",
-        "ref_image_path": f"{directory}/ref/chunk_{k:03}.png",
-        "prev_ref_image_path": f"{directory}/ref/chunk_{previous:03}.png" if previous else None,
-        "chunk_video_path": f"{directory}/chunks/chunk_{k:03}.mp4",
-        "combined_path": f"{directory}/combined/combined_{k:03}.mp4",
-        "prev_combined_path": (f"{directory}/combined/combined_{previous:03}.mp4"
-                               if previous else None),
-    }
-
-
 # --- planning -----------------------------------------------------------------------------
 
 
 def plan_batch(spec: PromptSpec, *, batch_id: str, sha256: str, source: str,
                frames_per_chunk: int, width: int, height: int) -> BatchPlan:
-    """Split ``spec`` into chunks and lay out its jobs: H1, L1, H2, L2, ..., C1, C2, ....
+    """Split ``spec`` into chunks and lay out its jobs (``statemachine.plan.lay_out``).
 
     The spec's own seed, chunk size, width and height win over the defaults passed in; with
     no seed in the spec it is derived from the file's sha256, so a replayed plan is equal.
     """
     if safe_name(batch_id) != batch_id:
         raise ValueError(f"batch id {batch_id!r} is not a safe path component")
-    size = _pick(spec.frames_per_chunk, frames_per_chunk)
-    chunks = math.ceil(spec.frames / size)
-    stem = safe_name(spec.name)
-    directory = f"{batch_id}-{stem}"
-    common = {"name": spec.name, "positive": spec.positive, "negative": spec.negative,
+    params = {"name": spec.name, "positive": spec.positive, "negative": spec.negative,
               "seed": _pick(spec.seed, int(sha256[:16], 16)),
-              "width": _pick(spec.width, width), "height": _pick(spec.height, height),
-              "chunks": chunks, "final_path": f"{directory}/{stem}.mp4"}
-    params = {k: _chunk_params(common, directory, k, size, spec.frames)
-              for k in range(1, chunks + 1)}
-    order = [(kind, k) for k in params for kind in (JobKind.HIGH, JobKind.LOW)]
-    order += [(JobKind.COMBINE, k) for k in params]
-    jobs = tuple(_job(batch_id, directory, kind, k, params[k]) for kind, k in order)
-    return BatchPlan(batch_id=batch_id, name=spec.name, source=source, sha256=sha256,
-                     priority=spec.priority, total_frames=spec.frames, frames_per_chunk=size,
-                     jobs=jobs)
-
-
-def _chunk_params(common: dict[str, Any], directory: str, k: int, size: int,
-                  total: int) -> dict[str, Any]:
-    start = (k - 1) * size
-    return {**common, **_artifact_paths(directory, k), "chunk": k, "start_frame": start,
-            "frames": min(size, total - start)}
+              "width": _pick(spec.width, width), "height": _pick(spec.height, height)}
+    return BatchPlan.make(batch_id=batch_id, name=spec.name, source=source, sha256=sha256,
+                          priority=spec.priority, total_frames=spec.frames,
+                          frames_per_chunk=_pick(spec.frames_per_chunk, frames_per_chunk),
+                          params=params)
 
 
 def _pick(own: int | None, default: int) -> int:
     return default if own is None else own
 
 
-def _job(batch_id: str, directory: str, kind: JobKind, k: int,
-         chunk_params: dict[str, Any]) -> JobSpec:
-    """Every job of a chunk shares the chunk's params; only ``output_prefix`` is its own."""
-    prefix = f"{directory}/{kind.value.lower()}_{k:03}"
-    return JobSpec(job_id=job_id(batch_id, kind, k), kind=kind, chunk=k,
-                   deps=_deps(batch_id, kind, k),
-                   params={**chunk_params, "output_prefix": prefix})
-
-
-def _deps(batch_id: str, kind: JobKind, k: int) -> tuple[str, ...]:
-    """LOW(k) <- HIGH(k); HIGH(k) <- LOW(k-1); COMBINE(k) <- LOW(k), COMBINE(k-1)."""
-    if kind is JobKind.LOW:
-        return (job_id(batch_id, JobKind.HIGH, k),)
-    if kind is JobKind.HIGH:
-        return (job_id(batch_id, JobKind.LOW, k - 1),) if k > 1 else ()
-    previous = (job_id(batch_id, JobKind.COMBINE, k - 1),) if k > 1 else ()
-    return (job_id(batch_id, JobKind.LOW, k), *previous)
+def _check_chunks(spec: PromptSpec, default_size: int, max_chunks: int) -> None:
+    size = _pick(spec.frames_per_chunk, default_size)
+    chunks = math.ceil(spec.frames / size)
+    if chunks > max_chunks:
+        raise BadInput(f"{spec.frames} frames in chunks of {size} make {chunks:,} chunks; "
+                       f"the limit is {max_chunks:,} per video (MAX_CHUNKS): use fewer frames "
+                       f"or a larger frames_per_chunk")
 
 
 def plan_prompt_file(data: bytes, filename: str, *, batch_id: str,
                      settings: PlanDefaults) -> BatchPlan:
     """Parse ``data`` and plan it with the configured defaults; ``source`` = ``filename``."""
-    spec = parse_prompt_file(data, filename, max_frames=settings.max_frames)
+    spec = parse_prompt_file(data, filename, limits_of(settings))
+    _check_chunks(spec, settings.frames_per_chunk, settings.max_chunks)
     return plan_batch(spec, batch_id=batch_id, sha256=hashlib.sha256(data).hexdigest(),
                       source=filename, frames_per_chunk=settings.frames_per_chunk,
                       width=settings.default_width, height=settings.default_height)
+
+
+def limits_of(settings: PlanDefaults) -> Limits:
+    return Limits(max_file_bytes=settings.max_file_bytes, max_frames=settings.max_frames,
+                  max_prompt_chars=settings.max_prompt_chars)

@@ -37,11 +37,11 @@ from statemachine.job import (
     replay_move,
 )
 from statemachine.log import Log
-from statemachine.plan import BatchPlan, JobKind
+from statemachine.plan import BatchPlan, JobKind, upcast_v1
 from statemachine.rules import follow_ups
 from statemachine.scheduler import InstanceView
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # 2: plans in the form of event schema 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +201,7 @@ class Store:
             replay_move(BATCH_MOVES, batch, trigger)
         else:
             fire(BATCH_MACHINE, batch, trigger, append)
-        batch.reason = getattr(event, "reason", batch.reason)
+        batch.reason = getattr(event, "reason", None)  # why it is in its state, if it says
         batch.ended_at = ts if batch.state in BATCH_FINAL else None
         self._index_combining(batch)
         return batch
@@ -306,11 +306,13 @@ class Store:
         }
 
     def _restore(self, snap: dict[str, Any]) -> None:
-        if snap.get("version") != SNAPSHOT_VERSION:
-            raise CorruptLog(f"snapshot version {snap.get('version')!r} is not supported")
+        version = snap.get("version")
+        if version not in (1, SNAPSHOT_VERSION):
+            raise CorruptLog(f"snapshot version {version!r} is not supported")
         for b in snap["batches"]:
+            plan = b["plan"] if version == SNAPSHOT_VERSION else upcast_v1(b["plan"])
             batch = self._accept(b["accepted_at"],
-                                 ev.BatchAccepted(BatchPlan.from_dict(b["plan"])), None)
+                                 ev.BatchAccepted(BatchPlan.from_dict(plan)), None)
             batch.state, batch.reason = BatchState(b["state"]), b["reason"]
             batch.ended_at = b["ended_at"]
             self._index_combining(batch)

@@ -262,7 +262,7 @@ def test_combine_on_a_disabled_instance_does_not_count():
     ({"MAX_RETRIES": True}, "MAX_RETRIES = True: must be an integer >= 0"),
     ({"MAX_RETRIES": -1}, "MAX_RETRIES = -1: must be an integer >= 0"),
     ({"MAX_RETRIES": "3"}, "MAX_RETRIES = '3': must be an integer >= 0"),
-    ({"FRAMES_PER_CHUNK": 0}, "FRAMES_PER_CHUNK = 0: must be a positive integer"),
+    ({"FRAMES_PER_CHUNK": 4}, "FRAMES_PER_CHUNK = 4: must be an integer >= 5"),
     ({"MAX_FRAMES": 1.5}, "MAX_FRAMES = 1.5: must be a positive integer"),
     ({"COMBINE_CONCURRENCY": False}, "COMBINE_CONCURRENCY = False: must be a positive integer"),
     ({"RETRY_DELAY": 0}, "RETRY_DELAY = 0: must be a positive number of seconds"),
@@ -316,7 +316,10 @@ def test_workflows_replaced_whole_need_every_kind():
     ({"job_types": []}, "COMFYUI_INSTANCES[1].job_types = []: must be a non-empty list"),
     ({"instance_id": "a b"}, "COMFYUI_INSTANCES[1].instance_id = 'a b': must be a name of"),
     ({"host": "http://10.0.0.1"}, "COMFYUI_INSTANCES[1].host = 'http://10.0.0.1': must be a "
-                                  "host name or IP address only"),
+                                  "host name, an IPv4 address or an IPv6 address only"),
+    *[({"host": bad}, f"COMFYUI_INSTANCES[1].host = {bad!r}: must be a host name")
+      for bad in ("127.0.0.1#", "127.0.0.1?", "127.0.0.1 evil", "[::1", "999.1.1.1", "a..b",
+                  "-gpu", "fe80::1%eth0", "gpu/box", "x" * 64)],
     ({"host": "10.0.0.1:8188"}, "COMFYUI_INSTANCES[1].host = '10.0.0.1:8188': must be a host"),
     ({"host": ""}, "COMFYUI_INSTANCES[1].host = '': must be a non-empty string"),
     ({"steal_types": ["MID"]}, "COMFYUI_INSTANCES[1].steal_types = ['MID']: unknown job type"),
@@ -390,3 +393,17 @@ def test_job_type_nobody_accepts_needs_fallback():
 
 def test_settings_type_is_exported():
     assert isinstance(load_settings(), Settings)
+
+
+@pytest.mark.parametrize(("host", "kept", "url"), [
+    ("127.0.0.1", "127.0.0.1", "http://127.0.0.1:8189"),
+    ("gpu-box.lan", "gpu-box.lan", "http://gpu-box.lan:8189"),
+    ("comfy_low", "comfy_low", "http://comfy_low:8189"),
+    ("[::1]", "::1", "http://[::1]:8189"),
+    ("::1", "::1", "http://[::1]:8189"),
+    ("[2001:DB8::0:1]", "2001:db8::1", "http://[2001:db8::1]:8189"),
+])
+def test_hosts_are_host_names_or_addresses(host, kept, url):
+    listed = [instance(instance_id="a"), instance(instance_id="b", port=8189, host=host)]
+    [_, b] = config.load_settings(None, {"COMFYUI_INSTANCES": listed}).instances
+    assert (b.host, b.url) == (kept, url)

@@ -13,14 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from statemachine.errors import BadInput
-from statemachine.plan import BatchPlan, JobKind
+from statemachine.plan import BatchPlan, JobKind, safe_name
 from statemachine.planner import (
     MAX_FILE_BYTES,
+    Limits,
     PromptSpec,
     parse_prompt_file,
     plan_batch,
     plan_prompt_file,
-    safe_name,
 )
 
 SEED_FILE = b"sunset_beach\n\n500\n\nA beautiful sunset over the sea\n\nblurry, low quality\n"
@@ -33,13 +33,16 @@ PATH_KEYS = ("latent_path", "ref_image_path", "prev_ref_image_path", "chunk_vide
 class FakeSettings:
     frames_per_chunk: int = 101
     max_frames: int = 100_000
+    max_file_bytes: int = MAX_FILE_BYTES
+    max_prompt_chars: int = 10_000
+    max_chunks: int = 1_000
     default_width: int = 832
     default_height: int = 480
 
 
 def parse(text: str | bytes, filename: str = "p.txt", max_frames: int = 100_000) -> PromptSpec:
     data = text.encode() if isinstance(text, str) else text
-    return parse_prompt_file(data, filename, max_frames=max_frames)
+    return parse_prompt_file(data, filename, Limits(max_frames=max_frames))
 
 
 def plan(frames: int, size: int = 101, name: str = "v", batch_id: str = "b1") -> BatchPlan:
@@ -170,7 +173,8 @@ def test_too_large_file_names_size_and_limit():
     data = b"n\n\n5\n\n" + b"p" * MAX_FILE_BYTES
     reason = rejection(data)
     assert f"{len(data):,} bytes" in reason and "limit is 1,048,576 bytes" in reason
-    assert parse(b"n\n\n5\n\n" + b"p" * (MAX_FILE_BYTES - 6)).frames == 5
+    edge = b"n\n\n5\n\n" + b"p" * (MAX_FILE_BYTES - 6)
+    assert parse_prompt_file(edge, "p.txt", Limits(max_prompt_chars=MAX_FILE_BYTES)).frames == 5
 
 
 def test_not_utf8_names_offset():
@@ -185,7 +189,7 @@ def test_empty_positive_prompt():
 
 @pytest.mark.parametrize(("line", "reason"), [
     ("seed = -1", "seed = -1 is out of range; use 0 to 18446744073709551615"),
-    ("frames_per_chunk = 0", "frames_per_chunk = 0 is out of range; use 1 to 100000"),
+    ("frames_per_chunk = 4", "frames_per_chunk = 4 is out of range; use 5 to 100000"),
     ("frames_per_chunk = 100001", "frames_per_chunk = 100001 is out of range"),
     ("width = 100", "width = 100 is out of range; use a multiple of 16 from 16 to 8192"),
     ("width = 0", "width = 0 is out of range"),

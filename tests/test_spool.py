@@ -354,7 +354,7 @@ REFUSALS = {
     "symlink": (make_symlink, "a symbolic link"),
     "dangling-symlink": (make_dangling_symlink, "a symbolic link"),
     "fifo": (make_fifo, "a FIFO (named pipe), not a regular file"),
-    "too-big": (make_too_big, "1,048,577 bytes: larger than the 1 MiB limit"),
+    "too-big": (make_too_big, "1,048,577 bytes: larger than the limit of 1,048,576 bytes"),
     "name-not-utf8": (make_bad_name, "the file name is not valid UTF-8"),
     "name-too-long": (make_long_name, "the file name is 254 bytes long"),
 }
@@ -431,7 +431,7 @@ def test_the_planners_refusals_are_rejected_by_the_loop_with_its_reason(
     now = time.time() + LATER
     [c] = spool.scan(now)
     with pytest.raises(BadInput) as refused:
-        parse_prompt_file(c.data, c.name, max_frames=10_000)
+        parse_prompt_file(c.data, c.name)
     assert spool.reject(c, str(refused.value), now) == layout.rejected / "bad.txt"
     assert reason_of(layout.rejected / "bad.txt").startswith(str(refused.value))
 

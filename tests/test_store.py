@@ -236,3 +236,18 @@ def test_settle_completes_a_turn_torn_after_its_first_event(event_for, frames, d
         reopened.record(follow_up, 3)
     assert reopened.snapshot() == whole_turn
     assert list(settle(reopened)) == []
+
+
+def test_a_retried_batch_says_no_more_why_it_was_cancelled():
+    store = new_store()
+    store.record(ev.BatchAccepted(make_plan("b1", frames=101)), now=0.0)
+    batch = store.batches["b1"]
+    for event in list(cancel_batch(batch, "cancelled by a user")):
+        store.record(event, now=1.0)
+    assert batch.reason == "cancelled by a user"
+    for event in list(retry_batch(batch)):
+        store.record(event, now=2.0)
+    assert batch.reason is None
+    for job_id in ("b1/H1", "b1/L1", "b1/C1"):
+        run_to_success(store, job_id, "i", now=3.0)
+    assert (batch.state, batch.reason) == (BatchState.DONE, None)

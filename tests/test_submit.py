@@ -202,7 +202,7 @@ def test_a_bad_file_is_refused_with_its_reason_and_nothing_is_spooled(
     lines = err.splitlines()
     assert len(lines) == 2
     assert "bad.txt" in lines[0] and "not a positive integer" in lines[0]
-    assert "missing.txt: cannot read it" in lines[1]
+    assert "missing.txt: cannot open it: No such file" in lines[1]
     assert not (state / "spool").exists()
 
 
