@@ -433,3 +433,33 @@ def test_usage_errors_exit_2(capsys, state):
     assert submit.main([]) == 2
     assert submit.main(["submit", "x.txt", "--wait", "-1"]) == 2
     capsys.readouterr()
+
+
+def test_hostile_command_files_are_answered_not_run(tmp_path):
+    commands = tmp_path / "commands"
+    commands.mkdir()
+    os.mkfifo(commands / "pipe.json")
+    (commands / "huge.json").write_bytes(b" " * (1 << 20))
+    (commands / "nested.json").write_bytes(b"[" * 5000 + b"]" * 5000)
+    (commands / "list.json").write_bytes(b"[1, 2]")
+    (commands / "zero.json").symlink_to("/dev/zero")
+    (commands / "ok.json").write_bytes(b'{"id": "ok", "command": "cancel", "batch_id": "b1"}')
+    good, bad = pending_commands(commands)
+    assert [c.id for c in good] == ["ok"]
+    why = {path.name: reason for path, reason in bad}
+    assert sorted(why) == ["huge.json", "list.json", "nested.json", "pipe.json", "zero.json"]
+    assert "FIFO" in why["pipe.json"] and "larger than the limit" in why["huge.json"]
+    for path, reason in bad:
+        reply(path, False, reason)
+    assert sorted(p.name for p in commands.iterdir()) == ["done", "ok.json"]
+
+
+def test_special_files_are_refused_without_blocking(capsys, state, tmp_path):
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    code, out, err = run(capsys, state, "submit", str(fifo), "/dev/zero", str(tmp_path))
+    assert code == 2 and out == ""
+    assert [line.split(": ", 2)[2] for line in err.splitlines()] == [
+        "a FIFO (named pipe), not a regular file: drop a regular file",
+        "a character device, not a regular file: drop a regular file",
+        "a directory, not a prompt file: drop the files themselves"]
