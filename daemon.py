@@ -40,7 +40,7 @@ from spool.intake import Spool
 from spool.layout import SpoolLayout
 from spool.reading import plan_file
 from spool.watcher import SpoolWatcher
-from statemachine.errors import BadConfig, BadInput, ComfyDualError
+from statemachine.errors import BadConfig, BadInput, ComfyDualError, LogWriteError
 from statemachine.log import EventLog
 from statemachine.plan import JobKind
 from statemachine.store import Policy, Store, read_records
@@ -55,6 +55,7 @@ DEMO_DURATIONS = {"HIGH": 0.35, "LOW": 0.35, "COMBINE": 0.08}
 DEMO_PROGRESS_NODES = frozenset({"EmptyLatentImage", "ImageBlur", "CreateVideo"})
 STATUS_EVERY = 1.0  # seconds between STATUS= updates to systemd
 FETCH_DRAIN = 15.0  # seconds for finished videos to finish downloading at exit (< TimeoutStopSec)
+EXIT_STORAGE = 75  # EX_TEMPFAIL: the state directory could not be written; systemd retries
 READY_AT_LATEST = 30.0  # seconds: READY=1 even if a server never answers a reconciliation
 
 
@@ -371,10 +372,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sims = simulated(settings, durations) if args.simulate else contextlib.nullcontext()
         with sims:
             return serve(settings, stop, Notifier.from_env())
+    except (LogWriteError, OSError) as exc:  # the state directory failing under us
+        log.error(f"comfy-dual stopped: cannot write its state directory ({exc}); start "
+                  "it again once the disk has room")
+        return EXIT_STORAGE
     except ComfyDualError as exc:
-        log.error(f"comfy-dual stopped: {exc}")
-        return 1
-    except OSError as exc:  # the state directory failing under us, say
         log.error(f"comfy-dual stopped: {exc}")
         return 1
 

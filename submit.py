@@ -43,6 +43,7 @@ from statemachine.store import Store, read_records
 from statemachine.timeline import Timeline, build_timeline
 
 POLL_SECONDS = 0.05
+STALE_AFTER = 10.0  # seconds: the daemon rewrites status.json every 0.5 s
 FINAL_STATES = frozenset(state.value for state in BATCH_FINAL)
 CLEAR_SCREEN = "\x1b[H\x1b[J"
 
@@ -255,7 +256,13 @@ def header(view: View, now: float) -> str:
         return (f"daemon running (pid {view.daemon_pid}) but no status.json yet: "
                 f"state replayed from the event log")
     age = max(0.0, now - view.data["updated_at"])
-    return f"daemon running (pid {view.daemon_pid}); status as of {age:.1f} s ago"
+    line = f"daemon running (pid {view.daemon_pid}); status as of {age:.1f} s ago"
+    if age > STALE_AFTER:
+        line += " (not rewritten since: is the state directory's disk full?)"
+    if view.data.get("event_log_error"):
+        line += (f"\nEVENT LOG NOT WRITABLE ({view.data['event_log_error']}): dispatch is "
+                 "paused until it can be written; jobs already running are still followed")
+    return line
 
 
 def batch_lines(batch: Mapping[str, Any]) -> list[str]:

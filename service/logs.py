@@ -6,7 +6,6 @@ the same formatters, so their warnings land in both streams too.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import threading
@@ -71,6 +70,7 @@ class _BatchingFileHandler(logging.FileHandler):
     def __init__(self, path: Path) -> None:
         super().__init__(path, encoding="utf-8")
         self._lines: list[str] = []
+        self._failing = False
         self._stop = threading.Event()
         threading.Thread(target=self._write_periodically, daemon=True,
                          name="log writer").start()
@@ -84,19 +84,27 @@ class _BatchingFileHandler(logging.FileHandler):
             self.handleError(record)
 
     def flush(self) -> None:
+        """Write what waits. A disk that refuses it (full, read-only) loses those lines,
+        which the console had too; it is said once on stderr, and the next write may pass."""
         with self.lock:  # type: ignore[union-attr]  # Handler.createLock made it
             lines, self._lines = self._lines, []
-            if lines and self.stream is not None:
-                self.stream.write("".join(lines))
-            super().flush()
+            try:
+                if lines and self.stream is not None:
+                    self.stream.write("".join(lines))
+                super().flush()
+            except OSError as exc:
+                if not self._failing:
+                    sys.stderr.write(f"comfy-dual: cannot write {self.baseFilename} "
+                                     f"({exc.strerror or exc}); its lines are dropped until "
+                                     "it can be written\n")
+                self._failing = True
+            else:
+                self._failing = False
 
     def close(self) -> None:
         self._stop.set()
         super().close()  # writes what is left
 
     def _write_periodically(self) -> None:
-        # A write the disk refuses (full) loses its lines, which the console had too; the
-        # next write may pass.
         while not self._stop.wait(FLUSH_EVERY):
-            with contextlib.suppress(OSError):
-                self.flush()
+            self.flush()

@@ -167,6 +167,7 @@ class Loop:
         self.daemon_info = daemon_info
         self._status_written = float("-inf")
         self.log_error: str | None = None  # why the event log cannot be written, if so
+        self._status_error: str | None = None  # why status.json could not be written
         self._settle_and_forget_gone_instances()
         self.unfetched = self._unfetched_videos()
         store.listeners.append(self._narrate)
@@ -201,6 +202,7 @@ class Loop:
         if self.log_error is None:
             self._dispatch(now)
         if not self._commit():
+            self.write_status(now)
             return  # nothing leaves the process until what caused it is durable
         if self._effects:
             failpoints.hit("after_intent")
@@ -242,14 +244,28 @@ class Loop:
         return True
 
     def write_status(self, now: float, *, force: bool = False) -> None:
-        """Rewrite ``status.json`` (at most every STATUS_EVERY seconds unless forced)."""
+        """Rewrite ``status.json`` (at most every STATUS_EVERY seconds unless forced). Best
+        effort: it is a view of the log, so a disk that refuses it is reported once and
+        the next rewrite tries again."""
         if self.status_path is None or (not force and now - self._status_written
                                         < STATUS_EVERY):
             return
         self._status_written = now
-        write_status_file(self.status_path, status_view(
-            self.store, self.settings.instances, now=now, progress=self.progress,
-            busy=self.busy.shares(now), daemon=self.daemon_info, batches=self.batch_views))
+        view = status_view(self.store, self.settings.instances, now=now,
+                           progress=self.progress, busy=self.busy.shares(now),
+                           daemon=self.daemon_info, batches=self.batch_views)
+        view["event_log_error"] = self.log_error
+        try:
+            write_status_file(self.status_path, view)
+        except OSError as exc:
+            if self._status_error is None:
+                log.warning("⚠️ cannot write status.json; trying again later",
+                            error=str(exc))
+            self._status_error = str(exc)
+            return
+        if self._status_error is not None:
+            log.info("✅ status.json written again")
+            self._status_error = None
 
     def _take(self, timeout: float) -> list[object]:
         try:
@@ -588,7 +604,7 @@ class Loop:
                 self.store.record(ev.JobLost(job.job_id, job.prompt_id,
                                              f"{job.instance_id} is no longer configured"),
                                   now)
-        self.store.commit()
+        self._commit()  # a full disk pauses the loop from its first turn, as later on
 
     # --- telling people what happens -------------------------------------------------
 

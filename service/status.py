@@ -98,10 +98,21 @@ def _instance(store: Store, inst: Any, busy: float | None) -> dict[str, Any]:
 
 
 def write_status_file(path: Path, view: Mapping[str, Any]) -> None:
-    """Replace ``status.json`` atomically. No fsync: it is a view, rebuilt from the log."""
+    """Replace ``status.json`` atomically. No fsync: it is a view, rebuilt from the log.
+
+    On a full disk the second copy that an atomic replace needs may not fit: then the
+    file is rewritten in place, in the blocks it frees (a reader may catch it half
+    written, and then replays the log instead)."""
+    data = orjson.dumps(view)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(orjson.dumps(view))
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        with open(path, "r+b") as f:
+            f.truncate(0)
+            f.write(data)
 
 
 class BusyMeter:
