@@ -7,6 +7,7 @@ back; it knows nothing of files (that is ``statemachine.log``).
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from operator import itemgetter
@@ -17,7 +18,8 @@ import orjson
 from statemachine.errors import CorruptLog
 from statemachine.plan import BatchPlan, upcast_v1
 
-SCHEMA_VERSION = 2  # 2: batch_accepted records the plan's inputs, not every job
+SCHEMA_VERSION = 2  # 2: batch_accepted records the plan's inputs; every record its crc
+_CRC = b',"crc":'  # the last field of a record: crc32 of the bytes before it
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,10 +266,21 @@ class Recorded:
 
 
 def encode(rec: Recorded) -> bytes:
-    """One log line, newline included."""
+    """One log line, newline included. Its last field, ``crc``, is the crc32 of the bytes
+    before it: a byte changed anywhere in the record is found when it is read."""
     body = {"seq": rec.seq, "ts": rec.ts, "type": rec.event.type, "v": SCHEMA_VERSION}
     body.update(rec.event.to_fields())
-    return orjson.dumps(body) + b"\n"
+    head = orjson.dumps(body)[:-1]
+    return b"%b%b%d}\n" % (head, _CRC, zlib.crc32(head))
+
+
+def _check_crc(line: bytes, crc: Any) -> None:
+    """The record's bytes before its ``crc`` field (the last: nested objects come before
+    it) against the crc. Costs ~0.3 us a line: no copy, one C call."""
+    if crc is None:
+        raise CorruptLog("no checksum (crc)")
+    if zlib.crc32(memoryview(line)[: line.rfind(_CRC)]) != crc:
+        raise CorruptLog("checksum mismatch: the record changed after it was written")
 
 
 def _upcast(body: dict[str, Any], version: Any) -> dict[str, Any]:
@@ -296,7 +309,9 @@ def parse(line: bytes) -> tuple[int, float, Event]:
         seq, ts, tag, version = body["seq"], body["ts"], body["type"], body["v"]
     except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
         raise CorruptLog(f"not an event record ({exc})") from None
-    if version != SCHEMA_VERSION:
+    if version == SCHEMA_VERSION:
+        _check_crc(line, body.pop("crc", None))
+    else:
         body = _upcast(body, version)
     try:
         keys, read = _READERS[tag]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 from statemachine import failpoints
-from statemachine.errors import CorruptLog, LogWriteError
+from statemachine.errors import LogWriteError
 
 READ_BUFFER = 1 << 20  # bytes read at a time when the log is read through
 
@@ -72,20 +72,15 @@ class EventLog:
         self._pending: list[bytes] = []
 
     def _repair_tail(self) -> int:
+        """Cut whatever follows the last line end, however long (a crash in the middle of
+        a large write); returns the bytes cut."""
         size = os.fstat(self._fd).st_size
-        if size == 0:
+        end = _last_line_end(self.path, size)
+        if end == size:
             return 0
-        with open(self.path, "rb") as f:
-            f.seek(max(0, size - 65536))
-            tail = f.read()
-        cut = len(tail) - (tail.rfind(b"\n") + 1)
-        if cut == 0:
-            return 0
-        if cut == len(tail) and size > len(tail):
-            raise CorruptLog(f"{self.path}: last 64 KiB hold no line end")
-        os.ftruncate(self._fd, size - cut)
+        os.ftruncate(self._fd, end)
         os.fsync(self._fd)
-        return cut
+        return size - end
 
     def lines(self) -> Iterator[tuple[int, bytes]]:
         """Every committed line with its 1-based line number (read 1 MiB at a time: with
@@ -152,6 +147,20 @@ class EventLog:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+def _last_line_end(path: Path, size: int, block: int = 65536) -> int:
+    """The offset just after the last newline in the first ``size`` bytes (0: none)."""
+    with open(path, "rb") as f:
+        end = size
+        while end > 0:
+            start = max(0, end - block)
+            f.seek(start)
+            found = f.read(end - start).rfind(b"\n")
+            if found >= 0:
+                return start + found + 1
+            end = start
+    return 0
 
 
 def _open_for_appends(path: Path) -> int:

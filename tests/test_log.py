@@ -54,6 +54,37 @@ def test_nul_padding_after_the_last_line_is_cut(tmp_path):
     assert Store.open(EventLog(tmp_path)).seq == 2
 
 
+@pytest.mark.parametrize("torn", [100, 64 * 1024, 200 * 1024])
+def test_a_torn_tail_of_any_length_is_cut(tmp_path, torn):
+    write_events(tmp_path, 3)
+    good = (tmp_path / "events.jsonl").read_bytes()
+    with open(tmp_path / "events.jsonl", "ab") as f:
+        f.write(b'{"seq":4,"ts":1.0,"type":"batch_accepted","v":2,"plan":"' + b"x" * torn)
+    log = EventLog(tmp_path)
+    assert (tmp_path / "events.jsonl").read_bytes() == good
+    assert Store.open(log).seq == 3
+
+
+def test_a_torn_first_line_leaves_an_empty_log(tmp_path):
+    (tmp_path / "events.jsonl").write_bytes(b"x" * 200_000)
+    assert EventLog(tmp_path).repaired_bytes == 200_000
+    assert (tmp_path / "events.jsonl").read_bytes() == b""
+
+
+@pytest.mark.parametrize("where", [b'"i1"', b'"ts":1.0', b'"seq":2'])
+def test_a_byte_changed_inside_a_record_is_a_corrupt_log_naming_its_line(tmp_path, where):
+    write_events(tmp_path, 4)
+    path = tmp_path / "events.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert where in lines[1]
+    flipped = where.replace(b"1", b"7").replace(b"2", b"3") if where != b'"ts":1.0' \
+        else b'"ts":1.5'
+    lines[1] = lines[1].replace(where, flipped)
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(CorruptLog, match="line 2: checksum mismatch"):
+        Store.open(EventLog(tmp_path))
+
+
 def test_a_corrupt_middle_line_stops_replay_with_its_number(tmp_path):
     write_events(tmp_path, 4)
     path = tmp_path / "events.jsonl"
