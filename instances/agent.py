@@ -36,6 +36,7 @@ POLL_INTERVAL = 1.0  # seconds between /history checks of prompts in flight
 HISTORY_RACE_RETRIES = 5  # the history entry can trail the "finished" message briefly
 FETCH_ATTEMPTS = 3  # tries to fetch a file (a finished video, a job's input) from a server
 FETCH_RETRY_WAIT = 1.0  # seconds before the second try, twice that before the third
+WITHDRAW_RETRY_WAIT = 0.2  # seconds before looking again at prompts being withdrawn
 
 
 class InstanceSettings(Protocol):
@@ -102,6 +103,14 @@ class Finished:
     instance_id: str
     prompt_id: str
     outcome: JobOutcome
+
+
+@dataclass(frozen=True, slots=True)
+class Withdrawn:
+    """The server shows none of ``prompt_ids`` queued or running (any more)."""
+
+    instance_id: str
+    prompt_ids: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,10 +201,15 @@ class InstanceAgent:
             self._following.pop(prompt_id, None)
             self._streamed.pop(prompt_id, None)
 
-    def stop_prompt(self, prompt_id: str) -> None:
-        """Remove it from the queue if it waits there, interrupt it if it runs."""
-        self.forget(prompt_id)
-        self._http.submit(self._stop_prompt, prompt_id)
+    def withdraw(self, prompt_ids: Sequence[str]) -> None:
+        """Make sure none of ``prompt_ids`` runs here: delete the queued ones, interrupt
+        the running one (by its id), and look again, with backoff, until ``/queue`` shows
+        none of them; then report ``Withdrawn``. Until the agent stops: a server that
+        will not let go of a prompt keeps being asked, and gets no new work meanwhile."""
+        ids = tuple(prompt_ids)
+        for prompt_id in ids:
+            self.forget(prompt_id)
+        self._http.submit(self._withdraw, ids)
 
     def download(self, file: OutputFile) -> bytes:
         """The bytes of a file this server wrote (runs on the caller's thread)."""
@@ -321,16 +335,32 @@ class InstanceAgent:
             log.info("🎞️ finished video saved", batch=batch_id, files=[str(p) for p in saved])
             return
 
-    def _stop_prompt(self, prompt_id: str) -> None:
-        try:
-            queue = self.client.queue()
-            if prompt_id in queue.pending:
-                self.client.delete_from_queue([prompt_id])
-            elif prompt_id in queue.running:
-                self.client.interrupt(prompt_id)
-        except ComfyDualError as exc:
-            log.warning("could not stop prompt", instance=self.instance_id,
-                        prompt_id=prompt_id, error=str(exc))
+    def _withdraw(self, prompt_ids: tuple[str, ...]) -> None:
+        wait = WITHDRAW_RETRY_WAIT
+        while not self._stopping.is_set():
+            try:
+                if not self._withdraw_once(prompt_ids):
+                    self._post(Withdrawn(self.instance_id, prompt_ids))
+                    return
+            except ComfyDualError as exc:
+                log.warning("⚠️ could not withdraw prompts; trying again",
+                            instance=self.instance_id, prompts=len(prompt_ids),
+                            error=str(exc), retry_in_s=wait)
+            self._stopping.wait(wait)
+            wait = min(wait * 2, self._probe_backoff_max)
+
+    def _withdraw_once(self, prompt_ids: tuple[str, ...]) -> bool:
+        """One round; whether any of them may still be on the server (a POST of one of
+        them not yet answered counts: it may arrive after the look)."""
+        with self._lock:
+            posting = any(p in self._posting for p in prompt_ids)
+        queue = self.client.queue()
+        waiting = [p for p in prompt_ids if p in queue.pending]
+        running = [p for p in prompt_ids if p in queue.running]
+        self.client.delete_from_queue(waiting)
+        for prompt_id in running:
+            self.client.interrupt(prompt_id)
+        return posting or bool(waiting or running)
 
     # --- the stream --------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from instances.agent import (
     Progress,
     Started,
     Validated,
+    Withdrawn,
 )
 from instances.artifacts import (
     ArtifactMissing,
@@ -120,7 +121,7 @@ class Agent(Protocol):
                ) -> threading.Event | None: ...
     def check(self, job_id: str, prompt_id: str) -> None: ...
     def follow(self, job_id: str, prompt_id: str) -> None: ...
-    def stop_prompt(self, prompt_id: str) -> None: ...
+    def withdraw(self, prompt_ids: Sequence[str]) -> None: ...
     def download(self, file: OutputFile) -> bytes: ...
     def fetch_outputs(self, batch_id: str, files: Sequence[OutputFile], outputs_dir: Path
                       ) -> None: ...
@@ -144,6 +145,7 @@ class Loop:
         self.down_since: dict[str, float] = {}
         self.reported: set[str] = set()  # instances heard from since start
         self.checking: set[str] = set()  # prompts asked about after a (re)connection
+        self.withdrawing: dict[str, tuple[str, ...]] = {}  # instance -> prompts asked off
         self.fallback_kinds: frozenset[str] = frozenset()
         self.unfit: dict[str, tuple[str, ...]] = {}  # instance -> workflow problems there
         self.outputs_dir = Path(settings.state_dir) / "outputs"
@@ -158,6 +160,7 @@ class Loop:
             Started: self._on_started, Progress: self._on_progress,
             Finished: self._on_finished, Checked: self._on_checked, SubmitFile: self._on_file,
             SpoolHint: self._on_spool_hint, Validated: self._on_validated,
+            Withdrawn: self._on_withdrawn,
         }
         self.busy = BusyMeter(clock())
         # when each running job started (jobs found running after a restart: from now)
@@ -197,6 +200,7 @@ class Loop:
         self._stop_if_unfit()
         self._expire_lost_instances(now)
         self._expire_hung_jobs(now)
+        self._withdraw_abandoned()
         if self.intake is not None and self.log_error is None:
             self.intake.turn(self, now)
         if self.log_error is None:
@@ -589,9 +593,24 @@ class Loop:
             job = self.store.jobs[job_id]
             if now - since < limit or job.state is not JobState.RUNNING:
                 continue
-            self.defer(partial(self.agents[job.instance_id].stop_prompt, job.prompt_id))
             self._fail(job, f"ran longer than JOB_TIMEOUT ({limit:g} s); interrupted", now,
                        permanent=False)
+
+    def _withdraw_abandoned(self) -> None:
+        """Prompts of jobs that left an instance without succeeding may still be queued or
+        running there (a server that was unreachable, hung, or told to stop once): each UP
+        instance is asked to withdraw them, and takes no new work until it has."""
+        for instance_id, prompts in self.store.abandoned.items():
+            agent = self.agents.get(instance_id)
+            if agent is None or not self.store.instance_up.get(instance_id) \
+                    or instance_id in self.withdrawing:
+                continue
+            self.withdrawing[instance_id] = tuple(sorted(prompts))
+            self.defer(partial(agent.withdraw, self.withdrawing[instance_id]))
+
+    def _on_withdrawn(self, m: Withdrawn, now: float) -> None:
+        self.withdrawing.pop(m.instance_id, None)
+        self.store.record(ev.PromptsWithdrawn(m.instance_id, m.prompt_ids), now)
 
     def _settle_and_forget_gone_instances(self) -> None:
         """At start: record the follow-ups a torn last turn may have left out, and send
@@ -636,10 +655,6 @@ class Loop:
                         retry_in_s=round(e.eligible_at - rec.ts, 1))
         elif isinstance(e, ev.JobFailed):
             log.error("❌ job failed", job=e.job_id, error=e.error)
-        elif isinstance(e, ev.JobCancelled) and subject.prompt_id is not None:
-            agent = self.agents.get(subject.instance_id)
-            if agent is not None:  # it was in flight: stop it on its server
-                self.defer(partial(agent.stop_prompt, subject.prompt_id))
         elif isinstance(e, ev.BatchGateOpened):
             self._say("🚪 COMBINE gate open", batch=e.batch_id)
         elif isinstance(e, (ev.BatchDone, ev.BatchFailed, ev.BatchCancelled)):

@@ -253,6 +253,22 @@ class InstanceDown(Event):
     reason: str
 
 
+@_register
+@dataclass(frozen=True, slots=True)
+class PromptsWithdrawn(Event):
+    """The server showed none of these prompts queued or running any more: prompts of jobs
+    that left it without succeeding (lost, timed out, failed, cancelled), which it might
+    otherwise still render. Until then it gets no new work."""
+
+    type: ClassVar[str] = "prompts_withdrawn"
+    instance_id: str
+    prompt_ids: tuple[str, ...]
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> Event:
+        return cls(fields["instance_id"], tuple(fields["prompt_ids"]))
+
+
 # --- the recorded form ---------------------------------------------------------------
 
 

@@ -79,6 +79,7 @@ class Store:
         self.ready: dict[str, Job] = {}  # insertion order is readiness order
         self.in_flight: dict[str, Job] = {}
         self.instance_up: dict[str, bool] = {}
+        self.abandoned: dict[str, set[str]] = {}  # instance -> prompts it may still run
         self.by_sha256: dict[str, str] = {}
         self.combining: dict[str, Batch] = {}  # batches whose COMBINE gate is open
         self.unfinished: Counter[JobKind] = Counter()  # jobs not ended, by kind
@@ -134,6 +135,7 @@ class Store:
         if old in IN_FLIGHT and getattr(event, "prompt_id", job.prompt_id) != job.prompt_id:
             raise IllegalTransition(
                 f"{job!r}: {event.type} for prompt {event.prompt_id}, in flight as {job.prompt_id}")
+        sent_to, prompt_id = job.instance_id, job.prompt_id
         trigger, set_fields = job_event
         if append is None:
             replay_move(JOB_MOVES, job, trigger)
@@ -144,6 +146,9 @@ class Store:
         if take is not None:
             take(event, job, ts)
         self._reindex(job, old, seq)
+        if old in IN_FLIGHT and job.state not in IN_FLIGHT and job.state is not \
+                JobState.SUCCEEDED and sent_to is not None:
+            self.abandoned.setdefault(sent_to, set()).add(prompt_id)
         return job
 
     def _reindex(self, job: Job, old: JobState, seq: int) -> None:
@@ -217,7 +222,14 @@ class Store:
     def _set_instance(self, event: Any, append: Callable[[], None] | None) -> str:
         if append is not None:
             append()
-        self.instance_up[event.instance_id] = isinstance(event, ev.InstanceUp)
+        if isinstance(event, ev.PromptsWithdrawn):
+            left = self.abandoned.get(event.instance_id, set()) - set(event.prompt_ids)
+            if left:
+                self.abandoned[event.instance_id] = left
+            else:
+                self.abandoned.pop(event.instance_id, None)
+        else:
+            self.instance_up[event.instance_id] = isinstance(event, ev.InstanceUp)
         return event.instance_id
 
     # --- queries ---------------------------------------------------------------------
@@ -236,8 +248,10 @@ class Store:
               now: float) -> InstanceView:
         instance_id = instance.instance_id
         job_types = frozenset(instance.job_types)
+        # an instance that may still run prompts the daemon gave up on takes nothing new
+        capacity = 0 if self.abandoned.get(instance_id) else instance.max_concurrent
         return InstanceView(
-            instance_id, job_types, instance.max_concurrent,
+            instance_id, job_types, capacity,
             self.instance_up.get(instance_id, False), len(in_flight),
             steal_types=frozenset(instance.steal_types),
             last_kind=self.estimates.sent.get(instance_id),
@@ -301,6 +315,7 @@ class Store:
             "version": SNAPSHOT_VERSION,
             "seq": self.seq,
             "instance_up": dict(sorted(self.instance_up.items())),
+            "abandoned": {i: sorted(p) for i, p in sorted(self.abandoned.items())},
             "batches": [_batch_state(b) for b in self.batches.values()],
             "estimates": self.estimates.snapshot(),
         }
@@ -321,6 +336,7 @@ class Store:
                 self._reindex(job, JobState.WAITING, job.ready_seq)
         self.ready = dict(sorted(self.ready.items(), key=lambda kv: kv[1].ready_seq))
         self.instance_up = dict(snap["instance_up"])
+        self.abandoned = {i: set(p) for i, p in snap.get("abandoned", {}).items()}
         if "estimates" in snap:  # snapshots written before estimates were kept have none
             self.estimates.restore(snap["estimates"])
         self.seq = snap["seq"]

@@ -3,12 +3,15 @@ Neither may lose a job, render one twice, or wedge the daemon."""
 
 from __future__ import annotations
 
+import itertools
 import threading
+from collections import Counter
 
 from support import wait_for
 from test_end_to_end import prompt_file, settings_for
 
 import daemon
+from instances.client import ComfyClient
 from statemachine.log import EventLog
 from statemachine.store import read_records
 
@@ -79,3 +82,39 @@ def test_jobs_of_a_server_gone_for_instance_lost_timeout_move_to_another(tmp_pat
     lost = events(tmp_path / "state", "job_lost")
     assert lost and "low_priority unreachable" in lost[0].reason
     assert any(r["kind"] == "LOW" and r["status"] == "success" for r in high.executions())
+
+
+def test_prompts_left_on_a_server_while_it_was_unreachable_never_run_there(tmp_path, sims):
+    """A render hangs on the HIGH server with another prompt queued behind it; the server
+    stops answering, its jobs move to the other server, and it comes back with both
+    prompts still there. They are withdrawn (deleted, interrupted) before it gets new
+    work: nothing renders twice and the server is not stuck behind the hung prompt."""
+    high, low = sims
+    high.set_faults(hang=True)
+    state = tmp_path / "state"
+
+    def unreachable_then_back():
+        wait_for(lambda: ComfyClient(high.url).queue().pending, "a prompt behind the hung one")
+        high.set_faults(response_delay=2.0)  # probes time out: DOWN
+        wait_for(lambda: b'"job_lost"' in (state / "events.jsonl").read_bytes(),
+                 "the jobs moved off the silent server")
+        high.set_faults(response_delay=0.0, hang=False)
+
+    settings = settings_for(state, high.port, low.port, INSTANCE_LOST_TIMEOUT=0.5,
+                            REQUEST_TIMEOUT=0.5, FALLBACK=False)  # HIGH jobs wait for it
+    result = run_while(unreachable_then_back, settings,
+                       [prompt_file(tmp_path, "first", 101), prompt_file(tmp_path, "second", 101)])
+    assert result.all_done
+    runs = [r for sim in sims for r in sim.executions()]
+    done = Counter(r["job_id"] for r in runs if r["status"] == "success")
+    assert set(done.values()) == {1} and len(done) == 6
+    lost = {e.prompt_id for e in events(state, "job_lost")}
+    assert len(lost) == 2
+    assert not [r for r in high.executions() if r["prompt_id"] in lost
+                and r["status"] == "success"]
+    after_loss = list(itertools.dropwhile(lambda e: e.type != "job_lost", events(state)))
+    order = [e.type for e in after_loss if e.type == "prompts_withdrawn" or (
+        e.type == "job_dispatch_intent" and e.instance_id == "high_priority")]
+    assert order[0] == "prompts_withdrawn" and "job_dispatch_intent" in order
+    assert {p for e in after_loss if e.type == "prompts_withdrawn" for p in e.prompt_ids} \
+        >= lost

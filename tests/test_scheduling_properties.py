@@ -156,6 +156,8 @@ class CoreMachine(RuleBasedStateMachine):
         self.check_steals(picks, ready, views)
         for pick in picks:
             job = self.store.jobs[pick.job_id]
+            assert not self.store.abandoned.get(pick.instance_id), \
+                "new work sent to an instance that may still run prompts given up on"
             if pick.fallback:
                 assert self.fallback, "fallback used while FALLBACK is off"
                 assert not any(v.up and job.kind.value in v.job_types for v in views)
@@ -305,6 +307,17 @@ class CoreMachine(RuleBasedStateMachine):
             self.store.record(ev.JobLost(job.job_id, job.prompt_id, "instance lost"), self.now)
         self.turn()
 
+    @rule(index=st.integers(0, 10), part=st.booleans())
+    def server_withdraws(self, index, part):
+        """The daemon made sure the prompts it gave up on no longer run on an instance
+        (some of them, if ``part``)."""
+        inst = self.instances[index % len(self.instances)]
+        prompts = sorted(self.store.abandoned.get(inst.instance_id, ()))
+        if prompts:
+            taken = tuple(prompts[: len(prompts) // 2 or 1] if part else prompts)
+            self.store.record(ev.PromptsWithdrawn(inst.instance_id, taken), self.now)
+            self.turn()
+
     @rule(index=st.integers(0, 10))
     def user_cancels(self, index):
         batches = list(self.store.open_batches())
@@ -372,8 +385,10 @@ class CoreMachine(RuleBasedStateMachine):
 
     @invariant()
     def affinity_and_capacity(self):
-        for view in self.views():
-            assert view.in_flight <= view.max_concurrent, view
+        for view, inst in zip(self.views(), self.instances, strict=True):
+            assert view.in_flight <= inst.max_concurrent, view
+            if self.store.abandoned.get(inst.instance_id):
+                assert view.max_concurrent == 0, "it takes new work"
         stolen = Counter()
         for job in self.store.in_flight.values():
             inst = next(i for i in self.instances if i.instance_id == job.instance_id)
@@ -433,6 +448,9 @@ class CoreMachine(RuleBasedStateMachine):
             if not self.store.instance_up.get(inst.instance_id):
                 self.store.record(ev.InstanceUp(inst.instance_id), self.now)
         for _ in range(2000):
+            for instance_id, prompts in list(self.store.abandoned.items()):
+                self.store.record(ev.PromptsWithdrawn(instance_id, tuple(sorted(prompts))),
+                                  self.now)
             self.turn()
             if not self.store.in_flight and not self.store.ready:
                 break
