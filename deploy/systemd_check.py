@@ -23,7 +23,7 @@ if every check passed, 1 if one failed, 77 (skipped) where the container cannot 
 
 Needs root, ``systemd-nspawn`` (Debian: systemd-container) and ``debootstrap``. The
 Debian root is built once and cached in ``~/.cache/comfy-dual/systemd-check/`` (about
-75 s the first time); each run boots a copy of it, removed at the end, and the container
+50-75 s the first time); each run boots a copy of it, removed at the end, and the container
 is powered off (killed if it hangs) even when a check fails or the run is interrupted.
 
 The container has a network of its own (``--private-network``, loopback only): its
@@ -150,7 +150,7 @@ def debian_root() -> Path:
     building = CACHE / "rootfs.tmp"
     shutil.rmtree(building, ignore_errors=True)
     shutil.rmtree(rootfs, ignore_errors=True)
-    say(f"building the Debian {SUITE} root in {rootfs} (once; about 75 s)")
+    say(f"building the Debian {SUITE} root in {rootfs} (once; about a minute)")
     run(["debootstrap", "--variant=minbase", f"--include={PACKAGES}", SUITE, str(building),
          MIRROR], timeout=1800)
     building.rename(rootfs)
