@@ -113,3 +113,51 @@ def test_a_run_the_stream_may_have_missed_parts_of_is_looked_up(offline, events)
         agent._on_stream(event)
     wait_for(lambda: looked_up == ["p"], "the /history lookup")
     assert not [m for m in _drain(inbox) if isinstance(m, Finished)]
+
+
+# --- stopping a prompt -------------------------------------------------------------------
+
+SHORT_THEN_LONG = SimConfig(durations={"ENDING": 0.3, "NEXT": 2.0})
+
+
+def _post(agent: InstanceAgent, kind: str) -> str:
+    prompt_id = str(uuid.uuid4())
+    agent.client.submit(GRAPH, prompt_id=prompt_id, client_id="tests",
+                        extra_data={"comfy_dual": {"kind": kind, "job_id": kind}})
+    return prompt_id
+
+
+@pytest.mark.parametrize("form", ["named", "global"])
+def test_a_stop_that_lands_after_its_prompt_ended_leaves_the_next_one_alone(form) -> None:
+    """The worst moment to stop a prompt: the agent finds it running, then it ends and the
+    next one starts before the interrupt arrives. ComfyUI (and the simulator) apply
+    ``{"prompt_id": ...}`` only to that prompt, so the next one runs on; a bodiless
+    ``POST /interrupt`` would stop whatever runs then: the next prompt, at its first node."""
+    with start_simulator(config=SHORT_THEN_LONG) as sim:
+        agent = _agent(sim.port, lambda message: None)
+        agent.start()
+        try:
+            ending, following = _post(agent, "ENDING"), _post(agent, "NEXT")
+            wait_for(lambda: agent.client.queue().running == (ending,), "the first to run")
+            look = agent.client.queue
+
+            def stale_look():  # what the server said just before the first prompt ended
+                snapshot = look()
+                if ending in snapshot.running:
+                    wait_for(lambda: look().running == (following,), "the next to start")
+                return snapshot
+
+            agent.client.queue = stale_look  # type: ignore[method-assign]
+            if form == "named":
+                agent.stop_prompt(ending)
+            else:  # what the daemon must never send
+                assert ending in stale_look().running
+                agent.client._request("POST", "/interrupt")
+            outcome = wait_for(lambda: agent.client.history(following), "the next one's end")
+        finally:
+            agent.stop()
+        if form == "named":
+            assert outcome == JobOutcome("success", outcome.outputs, None)
+            assert [r["status"] for r in sim.executions()] == ["success", "success"]
+        else:
+            assert (outcome.status, outcome.error) == ("interrupted", "interrupted at node 1")
