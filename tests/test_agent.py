@@ -149,7 +149,7 @@ def test_a_stop_that_lands_after_its_prompt_ended_leaves_the_next_one_alone(form
 
             agent.client.queue = stale_look  # type: ignore[method-assign]
             if form == "named":
-                agent.stop_prompt(ending)
+                agent.withdraw([ending])
             else:  # what the daemon must never send
                 assert ending in stale_look().running
                 agent.client._request("POST", "/interrupt")
