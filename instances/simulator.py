@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import re
 import shutil
 import signal
 import tempfile
@@ -81,11 +83,50 @@ class _Life:
         self._loop.close()
 
 
-def _temp_root(owner: object) -> Path:
-    """A scratch directory removed when ``owner`` is garbage collected (or at exit)."""
-    root = Path(tempfile.mkdtemp(prefix="comfy-sim-"))
-    weakref.finalize(owner, shutil.rmtree, root, ignore_errors=True)
-    return root
+SCRATCH_PREFIX = "comfy-sim-"
+_SCRATCH_NAME = re.compile(rf"{SCRATCH_PREFIX}(\d+)-")
+
+
+class Scratch:
+    """A simulator's scratch directory in the system temp directory, for the input, output
+    and temp directories it was not given. ``remove()`` deletes it (so does garbage
+    collection of its owner, or the interpreter's exit). Its name holds this process's id,
+    so a simulator killed with SIGKILL leaves a directory the next simulator started on
+    this machine recognises as an orphan and deletes (``sweep_orphans``)."""
+
+    def __init__(self, owner: object) -> None:
+        sweep_orphans()
+        self.path = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
+        self._finalizer = weakref.finalize(owner, shutil.rmtree, self.path, ignore_errors=True)
+
+    def remove(self) -> None:
+        self._finalizer()
+
+    @property
+    def removed(self) -> bool:
+        return not self._finalizer.alive
+
+
+def sweep_orphans(directory: Path | None = None) -> list[Path]:
+    """Delete the scratch directories of simulator processes that are gone; returns them."""
+    root = Path(directory or tempfile.gettempdir())
+    removed = []
+    for entry in root.glob(f"{SCRATCH_PREFIX}*"):
+        match = _SCRATCH_NAME.match(entry.name)
+        if match and entry.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class SimulatorHandle:
@@ -96,16 +137,26 @@ class SimulatorHandle:
         self.config = config
         self.host = host
         self.port = port
-        root = _temp_root(self)
-        self.files = SimFiles(input_dir or root / "input", output_dir or root / "output",
-                              root / "temp")
+        self._given = (input_dir, output_dir)
+        self._scratch = Scratch(self)
+        self.files = self._files()
         self._ledger = Ledger()
         self._faults = FaultSwitch(config.faults)
         self._life: _Life | None = None
 
+    def _files(self) -> SimFiles:
+        input_dir, output_dir = self._given
+        root = self._scratch.path
+        return SimFiles(input_dir or root / "input", output_dir or root / "output",
+                        root / "temp")
+
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def scratch_dir(self) -> Path:
+        return self._scratch.path
 
     @property
     def output_dir(self) -> Path:
@@ -119,14 +170,21 @@ class SimulatorHandle:
         """Start a fresh life (empty queue and history, ``number`` from 0) on ``port``."""
         if self._life is not None:
             raise RuntimeError(f"simulator on {self.url} is already running")
+        if self._scratch.removed:  # started again after stop(): a fresh scratch directory
+            self._scratch = Scratch(self)
+            self.files = self._files()
         life = _Life(lambda: SimServer(self.config, self.files, self._ledger, self._faults))
         self.port = life.start(self.host, self.port)
         self._life = life
         return self
 
     def stop(self) -> None:
-        """Shut down, closing websockets politely; does nothing if not running."""
-        self._end(abrupt=False)
+        """Shut down, closing websockets politely (if running, and even after ``kill``),
+        and delete the scratch directory; the directories it was given stay."""
+        try:
+            self._end(abrupt=False)
+        finally:
+            self._scratch.remove()
 
     def kill(self) -> None:
         """Die like SIGKILL: connections dropped, queue and history forgotten."""
@@ -171,7 +229,7 @@ def start_simulator(port: int = 0, config: SimConfig | None = None, *, host: str
                     input_dir: Path | None = None) -> SimulatorHandle:
     """Start a simulated ComfyUI on its own thread; returns once it accepts connections.
 
-    Without ``output_dir``/``input_dir`` it uses a scratch directory removed with the handle.
+    Without ``output_dir``/``input_dir`` it uses a scratch directory, deleted by ``stop()``.
     """
     handle = SimulatorHandle(config or SimConfig(), host, port, output_dir, input_dir)
     return handle.start()
@@ -246,8 +304,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = _config(args)
     except BadConfig as ex:
         parser.error(str(ex))
-    with tempfile.TemporaryDirectory(prefix="comfy-sim-") as root:
-        asyncio.run(_serve(config, args, Path(root)))
+    scratch = Scratch(parser)
+    try:
+        asyncio.run(_serve(config, args, scratch.path))
+    finally:
+        scratch.remove()
     return 0
 
 
