@@ -71,33 +71,59 @@ def busy_seconds(attempts: Iterable[Attempt], instance_id: str, until: float) ->
     return total
 
 
-def build_timeline(records: Iterable[ev.Recorded]) -> Timeline:
-    tl = Timeline()
-    kinds: dict[str, tuple[str, str]] = {}
-    open_attempts: dict[str, Attempt] = {}
-    for rec in records:
-        e = rec.event
+class TimelineFold:
+    """``build_timeline`` one record at a time, for a timeline kept up to date as events
+    are recorded. Events of jobs and batches it never saw accepted (before a snapshot,
+    or before it started) are left out."""
+
+    def __init__(self) -> None:
+        self.timeline = Timeline()
+        self._kinds: dict[str, tuple[str, str]] = {}  # job -> (kind, batch)
+        self._open: dict[str, Attempt] = {}  # job -> its attempt in flight
+
+    def add(self, rec: ev.Recorded) -> None:
+        e, tl = rec.event, self.timeline
         if isinstance(e, ev.BatchAccepted):
             plan = e.plan
             tl.batches[plan.batch_id] = BatchSpan(plan.batch_id, plan.name, len(plan.jobs),
                                                   rec.ts)
-            kinds.update({j.job_id: (j.kind.value, plan.batch_id) for j in plan.jobs})
+            self._kinds.update({j.job_id: (j.kind.value, plan.batch_id) for j in plan.jobs})
         elif isinstance(e, ev.JobDispatchIntent):
-            kind, batch_id = kinds[e.job_id]
-            attempt = Attempt(e.job_id, kind, batch_id, e.instance_id, e.prompt_id, rec.ts)
-            open_attempts[e.job_id] = attempt
-            tl.attempts.append(attempt)
-        elif isinstance(e, ev.JobStarted) and e.job_id in open_attempts:
-            open_attempts[e.job_id].started_at = rec.ts
-        elif type(e) in _ENDINGS and e.job_id in open_attempts:
-            attempt = open_attempts.pop(e.job_id)
+            known = self._kinds.get(e.job_id)
+            if known is not None:
+                attempt = Attempt(e.job_id, *known, e.instance_id, e.prompt_id, rec.ts)
+                self._open[e.job_id] = attempt
+                tl.attempts.append(attempt)
+        elif isinstance(e, ev.JobStarted) and e.job_id in self._open:
+            self._open[e.job_id].started_at = rec.ts
+        elif type(e) in _ENDINGS and e.job_id in self._open:
+            attempt = self._open.pop(e.job_id)
             attempt.ended_at, attempt.outcome = rec.ts, _ENDINGS[type(e)]
             if isinstance(e, ev.JobSucceeded):
                 tl.batches[attempt.batch_id].succeeded += 1
-        elif type(e) in _BATCH_STATES:
+        elif type(e) in _BATCH_STATES and e.batch_id in tl.batches:
             span = tl.batches[e.batch_id]
             span.state = _BATCH_STATES[type(e)]
             span.ended_at = rec.ts if span.state in ("done", "failed", "cancelled") else None
             if isinstance(e, ev.BatchGateOpened):
                 tl.gates[e.batch_id] = rec.ts
-    return tl
+
+    def forget_ended_before(self, when: float) -> None:
+        """Drop the batches that ended before ``when``, with their attempts and gates."""
+        tl = self.timeline
+        gone = {b for b, span in tl.batches.items()
+                if span.ended_at is not None and span.ended_at < when}
+        if not gone:
+            return
+        tl.attempts = [a for a in tl.attempts if a.batch_id not in gone]
+        for batch_id in gone:
+            del tl.batches[batch_id]
+            tl.gates.pop(batch_id, None)
+        self._kinds = {j: known for j, known in self._kinds.items() if known[1] not in gone}
+
+
+def build_timeline(records: Iterable[ev.Recorded]) -> Timeline:
+    fold = TimelineFold()
+    for rec in records:
+        fold.add(rec)
+    return fold.timeline
