@@ -135,9 +135,13 @@ class BusyMeter:
             since = self._since.pop(instance_id)
             self._total[instance_id] = self._total.get(instance_id, 0.0) + now - since
 
-    def shares(self, now: float) -> dict[str, float]:
-        span = max(now - self.start, 1e-9)
+    def seconds(self, now: float) -> dict[str, float]:
+        """Seconds each instance has been busy since ``start``."""
         busy = dict(self._total)
         for instance_id, since in self._since.items():
             busy[instance_id] = busy.get(instance_id, 0.0) + now - since
-        return {i: round(t / span, 4) for i, t in busy.items()}
+        return busy
+
+    def shares(self, now: float) -> dict[str, float]:
+        span = max(now - self.start, 1e-9)
+        return {i: round(t / span, 4) for i, t in self.seconds(now).items()}
