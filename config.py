@@ -93,6 +93,10 @@ ARTIFACT_DIR = ""           # "path": that shared directory; "" means STATE_DIR/
 # for SWITCH_COST replaces the learned one.
 JOB_DURATIONS: dict[str, float] = {}
 SWITCH_COST: float | str = "learn"
+# The status page, /api/status and Prometheus /metrics, read-only, served by the daemon:
+# "HOST:PORT" ("[::1]:8787" for IPv6; port 0 picks a free one), "" for none. Anything but
+# a loopback address lets every host that reaches this one see the farm's state.
+WEB_ADDRESS = "127.0.0.1:8787"
 
 # --- the checked, frozen form -------------------------------------------------------------
 
@@ -160,6 +164,7 @@ class Settings:
     artifact_dir: Path
     job_durations: Mapping[str, float]
     switch_cost: float | None  # None: learned from the runs
+    web_address: str = ""  # "" : no web server; see web_endpoint()
 
 
 # --- single-value checks: (key, value) -> normalised value, or BadConfig ------------------
@@ -306,6 +311,30 @@ def _is_host_name(text: str) -> bool:
     return True
 
 
+def web_endpoint(address: str) -> tuple[str, int] | None:
+    """``"HOST:PORT"`` (``"[::1]:PORT"``) as (host, port); None for ""; ValueError else."""
+    if not address:
+        return None
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("expected HOST:PORT with a port from 0 to 65535")
+    if host.startswith("[") and host.endswith("]"):
+        return str(ipaddress.IPv6Address(host[1:-1])), int(port)
+    if ":" in host or not _is_host_name(host):
+        raise ValueError("expected a host name, an IPv4 address or a bracketed IPv6 address")
+    return host, int(port)
+
+
+def _web_address(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        _fail(key, value, 'must be "HOST:PORT", or "" for no web server')
+    try:
+        web_endpoint(value.strip())
+    except ValueError as exc:
+        _fail(key, value, f'{exc}, e.g. "127.0.0.1:8787" or "[::1]:8787"; "" for none')
+    return value.strip()
+
+
 _INSTANCE_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "instance_id": _instance_id, "host": _host, "port": _int_in(1, 65535),
     "job_types": _kinds(empty=False), "max_concurrent": _int_in(1), "enabled": _flag,
@@ -353,6 +382,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "CONNECT_TIMEOUT": _seconds, "WORKFLOWS": _workflows,
     "ARTIFACT_TRANSFER": _choice(*ARTIFACT_TRANSFERS), "ARTIFACT_DIR": _optional_path,
     "JOB_DURATIONS": _job_durations, "SWITCH_COST": _switch_cost,
+    "WEB_ADDRESS": _web_address,
 }
 
 

@@ -36,6 +36,7 @@ from service.logs import setup_logging
 from service.loop import Loop, SubmitFile
 from service.notify import Notifier
 from service.summary import figures, render_summary
+from service.web import StatusWeb
 from spool.intake import Spool
 from spool.layout import SpoolLayout
 from spool.reading import plan_file
@@ -110,7 +111,9 @@ def opened(settings: config.Settings, **loop_options: object) -> Iterator[Loop]:
         if event_log.repaired_bytes:
             log.warning("✂️ cut a torn last line off the event log (a crash mid-write)",
                         bytes=event_log.repaired_bytes)
-        store = Store.open(event_log, policy_of(settings))
+        web = StatusWeb(settings)  # the status page and /metrics (WEB_ADDRESS)
+        store = Store.open(web.metered(event_log), policy_of(settings))
+        web.watch(store)
         inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         workflows = load_workflows(settings)
         agents = {i.instance_id: InstanceAgent(
@@ -124,7 +127,7 @@ def opened(settings: config.Settings, **loop_options: object) -> Iterator[Loop]:
                     daemon_info={"pid": os.getpid(), "started_at": time.time()},
                     **loop_options)
         try:
-            with _running(agents.values()):
+            with _running(agents.values()), web.serving(loop):
                 yield loop
         finally:
             loop.write_status(time.time(), force=True)
@@ -395,7 +398,7 @@ def one_shot(args: argparse.Namespace, settings: config.Settings,
     print(result.summary)
     if args.compare_single and args.simulate and settings.enable_dual_instance and not stop():
         single = config.load_settings(args.config, {
-            "ENABLE_DUAL_INSTANCE": False,
+            "ENABLE_DUAL_INSTANCE": False, "WEB_ADDRESS": "",
             "STATE_DIR": str(settings.state_dir / "single-instance-comparison")})
         with simulated(single, durations):
             alone = run_files(single, args.files, stop, force=args.force)

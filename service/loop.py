@@ -169,6 +169,7 @@ class Loop:
         self.status_path = status_path
         self.daemon_info = daemon_info
         self._status_written = float("-inf")
+        self.on_status: list[Callable[[Mapping[str, Any], float], None]] = []  # the web page
         self.log_error: str | None = None  # why the event log cannot be written, if so
         self._status_error: str | None = None  # why status.json could not be written
         self._settle_and_forget_gone_instances()
@@ -259,6 +260,8 @@ class Loop:
                            progress=self.progress, busy=self.busy.shares(now),
                            daemon=self.daemon_info, batches=self.batch_views)
         view["event_log_error"] = self.log_error
+        for publish in self.on_status:  # the status page: even when the disk refuses
+            publish(view, now)
         try:
             write_status_file(self.status_path, view)
         except OSError as exc:

@@ -6,6 +6,7 @@ from hypothesis import Phase, settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import config
 from instances.simulator import SimConfig, start_simulator
 
 # `pytest --hypothesis-profile=noshrink` reports a failure without minimising it: handy when
@@ -22,3 +23,10 @@ def sims():
     with start_simulator(0, SimConfig(durations=SIM_DURATIONS)) as high, \
             start_simulator(0, SimConfig(durations=SIM_DURATIONS)) as low:
         yield high, low
+
+
+@pytest.fixture(autouse=True)
+def _no_status_page(monkeypatch):
+    """Daemons started in this process serve no page unless a test sets WEB_ADDRESS:
+    many run at once, and the default port would be taken by the first."""
+    monkeypatch.setattr(config, "WEB_ADDRESS", "")

@@ -59,6 +59,7 @@ def test_a_second_daemon_on_the_same_state_refuses_naming_the_pid(tmp_path):
 def test_unreachable_servers_are_reported_without_a_traceback(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text("HEALTH_INTERVAL = 0.2\nPROBE_BACKOFF_MAX = 0.5\nCONNECT_TIMEOUT = 0.2\n"
+                   "WEB_ADDRESS = ''\n"
                    "[[COMFYUI_INSTANCES]]\ninstance_id = 'gone'\nhost = '127.0.0.1'\n"
                    "port = 9\njob_types = ['HIGH', 'LOW']\n")
     proc = subprocess.Popen([sys.executable, str(PROJECT / "daemon.py"), "--config", str(cfg),

@@ -37,7 +37,8 @@ class Service:
         self.state = tmp / "state"
         self.config = tmp / "config.toml"
         lines = ["HEALTH_INTERVAL = 0.2", "PROBE_BACKOFF_MAX = 0.5", "CONNECT_TIMEOUT = 0.5",
-                 "RETRY_DELAY = 0.05", *(f"{k} = {json.dumps(v)}" for k, v in settings.items())]
+                 "RETRY_DELAY = 0.05", 'WEB_ADDRESS = ""',
+                 *(f"{k} = {json.dumps(v)}" for k, v in settings.items())]
         for name, port, kind in (("high_priority", high, "HIGH"), ("low_priority", low, "LOW")):
             lines += ["[[COMFYUI_INSTANCES]]", f'instance_id = "{name}"', 'host = "127.0.0.1"',
                       f"port = {port}", f'job_types = ["{kind}"]']

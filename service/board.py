@@ -1,0 +1,245 @@
+"""What the status page shows, built on the loop thread and handed to the web thread.
+
+Each time the loop writes ``status.json`` it calls ``Publisher.publish``, which builds a
+``Board``: plain, immutable data (JSON bytes, a chart of frozen copies, the gauges). The
+web thread only ever reads the latest board; it never sees the store or the event log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import structlog
+
+from service.metrics import Gauges, Metrics, reason_class
+from service.report import Chart, chart
+from statemachine import events as ev
+from statemachine.job import BATCH_FINAL, Batch
+from statemachine.plan import JobKind
+from statemachine.store import Store, read_records
+from statemachine.timeline import Timeline, TimelineFold
+
+if TYPE_CHECKING:
+    from service.loop import Loop
+
+log = structlog.get_logger("comfy_dual.board")
+
+GANTT_HOURS = 3.0  # the page's Gantt shows batches open or ended this recently
+GANTT_BATCHES = 40  # ... at most this many, the latest
+GRID_ENDED = 20  # the page's grid shows open batches and this many ended ones
+REJECTED_SHOWN = 50  # the latest rejected files listed on the page
+VIDEOS_SHOWN = 50  # the finished videos of this many latest batches
+HISTORY_BYTES = 32 << 20  # a log up to this size is read at start for the Gantt's past
+KINDS = tuple(kind.value for kind in JobKind)
+
+
+@dataclass(frozen=True, slots=True)
+class Board:
+    """One published state of the farm. ``version`` grows with every publish."""
+
+    version: int
+    status: bytes  # the status view as JSON: the bytes status.json holds
+    page: bytes  # what the page draws, as JSON
+    chart: Chart | None  # the Gantt's data (frozen copies); None: nothing ran yet
+    gauges: Gauges
+
+
+class Grids:
+    """Each batch's progress grid, rebuilt only when an event touched the batch."""
+
+    def __init__(self) -> None:
+        self._grids: dict[str, dict[str, Any]] = {}
+        self._stale: set[str] = set()
+
+    def touch(self, batch_id: str) -> None:
+        self._stale.add(batch_id)
+
+    def shown(self, store: Store) -> list[dict[str, Any]]:
+        """Open batches and the latest GRID_ENDED ended ones, oldest first."""
+        ended = [b for b in store.batches.values() if b.state in BATCH_FINAL][-GRID_ENDED:]
+        keep = {b.batch_id for b in ended} | {b.batch_id for b in store.open_batches()}
+        for batch_id in keep & (self._stale | (keep - self._grids.keys())):
+            self._grids[batch_id] = grid(store.batches[batch_id])
+        self._stale -= keep
+        for batch_id in self._grids.keys() - keep:
+            del self._grids[batch_id]
+        return [self._grids[b] for b in store.batches if b in keep]
+
+
+def grid(batch: Batch) -> dict[str, Any]:
+    """A batch's jobs as rows of chunks: ``{"chunk": k, "HIGH": {...}, ...}``."""
+    rows: dict[int, dict[str, Any]] = {}
+    for job in batch.jobs:
+        row = rows.setdefault(job.spec.chunk, {"chunk": job.spec.chunk})
+        row[job.kind.value] = {"job_id": job.job_id, "state": job.state.value,
+                               "instance_id": job.instance_id, "error": job.error}
+    return {"batch_id": batch.batch_id, "name": batch.plan.name, "state": batch.state.value,
+            "reason": batch.reason, "chunks": [rows[k] for k in sorted(rows)]}
+
+
+class Rejected:
+    """The files in ``spool/rejected/`` with their reasons, read again only when the
+    directory changed, and only the reason files not read before."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._seen: dict[str, dict[str, Any]] = {}
+        self._mtime: int | None = None
+
+    def refresh(self) -> None:
+        try:
+            mtime = os.stat(self.directory).st_mtime_ns
+        except OSError:
+            return
+        if mtime == self._mtime:
+            return
+        self._mtime = mtime
+        names = {e.name for e in os.scandir(self.directory) if e.name.endswith(".reason")}
+        for name in names - self._seen.keys():
+            entry = self._read(self.directory / name)
+            if entry is not None:
+                self._seen[name] = entry
+        for name in self._seen.keys() - names:
+            del self._seen[name]
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any] | None:
+        try:
+            with open(path, "rb") as f:
+                text = f.read(4096).decode(errors="replace")
+            when = os.stat(path).st_mtime
+        except OSError:
+            return None
+        reason = text.split("\n", 1)[0]
+        return {"file": path.name.removesuffix(".reason"), "reason": reason,
+                "class": reason_class(reason), "at": when}
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(e["class"] for e in self._seen.values()))
+
+    def latest(self) -> list[dict[str, Any]]:
+        return sorted(self._seen.values(), key=lambda e: e["at"], reverse=True)[:REJECTED_SHOWN]
+
+
+class Gantt:
+    """The timeline of recent batches, folded from the events as they are recorded."""
+
+    def __init__(self) -> None:
+        self.fold = TimelineFold()
+        self.changed = True
+        self._pruned = float("-inf")
+
+    def load(self, store: Store) -> None:
+        """Start from the log's past when it is small enough to read quickly."""
+        size = getattr(store.log, "path", None)
+        try:
+            too_big = size is None or os.path.getsize(size) > HISTORY_BYTES
+        except OSError:
+            too_big = True
+        if too_big:
+            log.info("🗓️ the page's Gantt starts now: the event log is too large to read "
+                     "its past at start", limit_bytes=HISTORY_BYTES)
+            return
+        for rec in read_records(store.log):
+            self.fold.add(rec)
+
+    def add(self, rec: ev.Recorded) -> None:
+        self.fold.add(rec)
+        self.changed = True
+
+    def chart(self, now: float) -> Chart | None:
+        """A chart of frozen copies of the batches shown, ended at ``now``."""
+        if now - self._pruned > 60:
+            self.fold.forget_ended_before(now - GANTT_HOURS * 3600)
+            self._pruned = now
+        tl = self.fold.timeline
+        ids = [b for b, span in tl.batches.items()
+               if span.ended_at is None or span.ended_at >= now - GANTT_HOURS * 3600]
+        ids = ids[-GANTT_BATCHES:]
+        if not ids:
+            return None
+        mine = set(ids)
+        copy = Timeline(
+            attempts=[dataclasses.replace(a) for a in tl.attempts if a.batch_id in mine],
+            batches={b: dataclasses.replace(tl.batches[b]) for b in ids},
+            gates={b: t for b, t in tl.gates.items() if b in mine})
+        self.changed = False
+        return chart(copy, ids, now)
+
+
+class Publisher:
+    """Builds a ``Board`` each time the loop writes its status, and keeps the last one."""
+
+    def __init__(self, loop: Loop, metrics: Metrics, last_snapshot_seq: Any) -> None:
+        self.loop = loop
+        self.metrics = metrics
+        self.last_snapshot_seq = last_snapshot_seq  # () -> int
+        self.board: Board | None = None
+        self.grids = Grids()
+        self.rejected = Rejected(Path(loop.settings.state_dir) / "spool" / "rejected")
+        self.gantt = Gantt()
+        self.gantt.load(loop.store)
+        self._chart: Chart | None = None
+        self._failing = False
+        loop.store.listeners.append(self._on_event)
+
+    def _on_event(self, rec: ev.Recorded, subject: Any) -> None:
+        self.gantt.add(rec)
+        batch_id = getattr(rec.event, "batch_id", None) or getattr(
+            getattr(subject, "batch", None), "batch_id", None)
+        if batch_id is not None:
+            self.grids.touch(batch_id)
+
+    def publish(self, view: Mapping[str, Any], now: float) -> None:
+        """Called by the loop (its thread) with the status view it just wrote. Whatever
+        goes wrong here is logged and the page stays as it was: it never stops the loop."""
+        try:
+            self._publish(view, now)
+        except Exception as exc:  # the page is not worth a render farm
+            if not self._failing:
+                log.exception("❌ cannot update the status page; rendering goes on",
+                              error=str(exc))
+            self._failing = True
+        else:
+            self._failing = False
+
+    def _publish(self, view: Mapping[str, Any], now: float) -> None:
+        loop = self.loop
+        self.rejected.refresh()
+        flying = Counter(j.instance_id for j in loop.store.in_flight.values())
+        gauges = self.metrics.gauges_of(
+            loop.store, {i.instance_id: flying[i.instance_id] for i in loop.settings.instances},
+            busy_seconds=loop.busy.seconds(now), rejected=self.rejected.counts(),
+            last_snapshot_seq=self.last_snapshot_seq())
+        if self.gantt.changed or loop.store.in_flight or self._chart is None:
+            self._chart = self.gantt.chart(now)
+        version = self.board.version + 1 if self.board is not None else 1
+        page = {"version": version, "updated_at": now, "status": view,
+                "grids": self.grids.shown(loop.store),
+                "videos": videos(view["batches"], loop.outputs_dir),
+                "rejected": self.rejected.latest(), "rejected_counts": self.rejected.counts(),
+                "gantt": self._chart is not None}
+        self.metrics.gauges = gauges
+        self.board = Board(version, orjson.dumps(view), orjson.dumps(page), self._chart,
+                           gauges)
+
+
+def videos(batches: Iterable[Mapping[str, Any]], outputs_dir: Path) -> list[dict[str, Any]]:
+    """The finished videos saved here, newest batch first, as links under /outputs/."""
+    found = []
+    done = [b for b in batches if b["state"] == "done"]
+    for batch in done[-VIDEOS_SHOWN:]:
+        for saved in batch.get("saved_outputs", []):
+            path = Path(saved)
+            if path.is_file():
+                found.append({"batch_id": batch["batch_id"], "name": batch["name"],
+                              "file": path.name,
+                              "url": "/outputs/" + path.relative_to(outputs_dir).as_posix()})
+    return found[::-1]
