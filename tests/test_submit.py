@@ -239,7 +239,9 @@ def test_a_file_the_daemon_rejects_prints_the_reason_and_fails(capsys, state, pr
         name = wait_for(lambda: files_in(spool / "incoming"), stop)[0]
         (spool / "rejected").mkdir()
         os.rename(spool / "incoming" / name, spool / "rejected" / name)
-        (spool / "rejected" / f"{name}.reason").write_text("duplicate of batch b0001\n")
+        # written whole, then renamed in, as the daemon does (write_atomic)
+        (spool / "rejected" / f".{name}.tmp").write_text("duplicate of batch b0001\n")
+        os.rename(spool / "rejected" / f".{name}.tmp", spool / "rejected" / f"{name}.reason")
 
     with background(reject):
         code, out, err = run(capsys, state, "submit", str(prompt))
