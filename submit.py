@@ -2,7 +2,7 @@
 
     python submit.py submit prompt_files/a.txt b.toml [--force] [--wait 5]
     python submit.py status [--json]
-    python submit.py watch [--interval 1]
+    python submit.py watch [--interval 1]        # on a terminal: a progress bar per job
     python submit.py cancel b0003
     python submit.py retry b0003
     python submit.py report [BATCH ... | --all] [-o timeline.html | timeline.svg]
@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import io
 import json
 import os
 import re
+import shutil
 import sys
 import time
 import uuid
@@ -28,6 +30,10 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
+
+from rich.console import Console
+from rich.progress_bar import ProgressBar
+from rich.table import Table
 
 import config
 from service import report
@@ -293,13 +299,33 @@ def instance_line(inst: Mapping[str, Any]) -> str:
             f"{inst['in_flight']}/{inst['max_concurrent']} in flight  busy {busy:>6}")
 
 
-def render_status(view: View, now: float) -> str:
-    """The human form of the status view: plain text, one block."""
+def running_bars(jobs: Sequence[Mapping[str, Any]], width: int) -> list[str]:
+    """The running jobs for a terminal: one line each with a progress bar drawn by rich
+    (colour, sub-character steps); a job without progress yet has an empty bar."""
+    table = Table.grid(padding=(0, 1))
+    for job in jobs:
+        progress = job["progress"] or {}
+        value, maximum = progress.get("value", 0), progress.get("max", 0)
+        attempt = f"attempt {job['attempt']}" if job["attempt"] > 1 else ""
+        table.add_row(f"  {job['job_id']}", job["kind"], job["instance_id"] or "-",
+                      job["state"], ProgressBar(total=maximum or 1, completed=value, width=24),
+                      f"{value}/{maximum}" if maximum else "", attempt)
+    console = Console(file=io.StringIO(), force_terminal=True, width=width, highlight=False)
+    console.print(table, end="")
+    return console.file.getvalue().splitlines()  # type: ignore[attr-defined]
+
+
+def render_status(view: View, now: float, *, tty: bool = False) -> str:
+    """The human form of the status view, one block: plain text, or for a terminal
+    (``tty``) with a progress bar per running job."""
     data = view.data
     lines = [header(view, now), "Batches"]
     lines += [line for b in data["batches"] for line in batch_lines(b)] or ["  none yet"]
     lines.append("Running")
-    lines += [running_line(j) for j in data["running"]] or ["  nothing in flight"]
+    if tty and data["running"]:
+        lines += running_bars(data["running"], shutil.get_terminal_size().columns)
+    else:
+        lines += [running_line(j) for j in data["running"]] or ["  nothing in flight"]
     lines.append("Instances")
     lines += [instance_line(i) for i in data["instances"]]
     counts = ", ".join(f"{n} {state}" for state, n in data["counts"].items() if n)
@@ -425,7 +451,7 @@ def watch(settings: config.Settings, files: StateFiles, *, interval: float, tty:
     watched = [b for b in view.data["batches"] if b["state"] not in FINAL_STATES]
     ids = {b["batch_id"] for b in watched}
     while True:
-        draw(render_status(view, time.time()), tty)
+        draw(render_status(view, time.time(), tty=tty), tty)
         ended = {b["batch_id"]: b["state"] for b in view.data["batches"]
                  if b["batch_id"] in ids and b["state"] in FINAL_STATES}
         if len(ended) == len(ids):

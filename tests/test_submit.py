@@ -415,6 +415,18 @@ def test_watch_exits_1_when_a_watched_batch_fails(capsys, state, daemon):
     assert out.rstrip().endswith("ended: b0001 failed")
 
 
+def test_watch_on_a_terminal_draws_a_progress_bar_per_running_job(state, daemon):
+    write_status(state, live_store())
+    settings = config.load_settings(overrides={"STATE_DIR": state})
+    view = submit.load_view(settings, submit.StateFiles.under(state))
+    text = submit.render_status(view, time.time(), tty=True)
+    (line,) = [line for line in text.splitlines() if "b0001/H1" in line]
+    assert "\u2501" in line and "\x1b[" in line  # rich's bar, in colour
+    assert line.rstrip().endswith("5/10")
+    plain = submit.render_status(view, time.time())
+    assert "[#####-----] 5/10" in plain and "\x1b" not in plain
+
+
 def test_watch_with_nothing_unfinished_exits_at_once(capsys, state):
     code, out, _ = run(capsys, state, "watch")
     assert code == 0 and out.rstrip().endswith("no unfinished batch to watch")
