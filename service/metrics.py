@@ -146,7 +146,7 @@ class _Tallies:
     batch_state: dict[str, str] = field(default_factory=dict)
 
     def job(self, job: Job) -> None:
-        now = (job.kind.value, job.state.value)
+        now = (job.kind, job.state)  # StrEnums: equal to, and hashed as, their values
         before = self.job_state.get(job.job_id)
         if before != now:
             if before is not None:
@@ -156,11 +156,11 @@ class _Tallies:
 
     def batch(self, batch: Batch) -> None:
         before = self.batch_state.get(batch.batch_id)
-        if before != batch.state.value:
+        if before != batch.state:
             if before is not None:
                 self.batches[before] -= 1
-            self.batches[batch.state.value] += 1
-            self.batch_state[batch.batch_id] = batch.state.value
+            self.batches[batch.state] += 1
+            self.batch_state[batch.batch_id] = batch.state
 
 
 class Metrics:
@@ -192,6 +192,7 @@ class Metrics:
         r.register(_GaugeCollector(self))
         self._tallies = _Tallies()
         self._started: dict[str, float] = {}  # job -> when it started running
+        self._by_type: dict[str, Any] = {}  # event type -> its child of ``events``
         self._store: Store | None = None
 
     def metered(self, log: Log) -> MeteredLog:
@@ -219,7 +220,10 @@ class Metrics:
 
     def on_event(self, rec: ev.Recorded, subject: Any) -> None:
         e = rec.event
-        self.events.labels(e.type).inc()
+        counter = self._by_type.get(e.type)
+        if counter is None:  # labels() costs a lookup under a lock: once per type
+            counter = self._by_type[e.type] = self.events.labels(e.type)
+        counter.inc()
         if isinstance(subject, Job):
             self._tallies.job(subject)
             self._job_event(e, subject, rec.ts)
