@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,9 +21,10 @@ import structlog
 from service.metrics import Gauges, Metrics, reason_class
 from service.report import Chart, chart
 from statemachine import events as ev
+from statemachine.errors import CorruptLog
 from statemachine.job import BATCH_FINAL, Batch
 from statemachine.plan import JobKind
-from statemachine.store import Store, read_records
+from statemachine.store import Store
 from statemachine.timeline import Timeline, TimelineFold
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ GANTT_BATCHES = 40  # ... at most this many, the latest
 GRID_ENDED = 20  # the page's grid shows open batches and this many ended ones
 REJECTED_SHOWN = 50  # the latest rejected files listed on the page
 VIDEOS_SHOWN = 50  # the finished videos of this many latest batches
-HISTORY_BYTES = 32 << 20  # a log up to this size is read at start for the Gantt's past
+HISTORY_BYTES = 8 << 20  # the Gantt's past: this much of the log's end, read at start
 KINDS = tuple(kind.value for kind in JobKind)
 
 
@@ -136,19 +137,17 @@ class Gantt:
         self.changed = True
         self._pruned = float("-inf")
 
-    def load(self, store: Store) -> None:
-        """Start from the log's past when it is small enough to read quickly."""
-        size = getattr(store.log, "path", None)
-        try:
-            too_big = size is None or os.path.getsize(size) > HISTORY_BYTES
-        except OSError:
-            too_big = True
-        if too_big:
-            log.info("🗓️ the page's Gantt starts now: the event log is too large to read "
-                     "its past at start", limit_bytes=HISTORY_BYTES)
+    def load(self, path: Path | None) -> None:
+        """Start from the last HISTORY_BYTES of the event log at ``path``: the batches
+        accepted there (a restart reads a bounded amount whatever the log's length)."""
+        if path is None:
             return
-        for rec in read_records(store.log):
-            self.fold.add(rec)
+        try:
+            for rec in tail_records(path, HISTORY_BYTES):
+                self.fold.add(rec)
+        except (OSError, CorruptLog) as exc:
+            log.warning("⚠️ the page's Gantt starts now: cannot read the event log's past",
+                        error=str(exc))
 
     def add(self, rec: ev.Recorded) -> None:
         self.fold.add(rec)
@@ -185,7 +184,7 @@ class Publisher:
         self.grids = Grids()
         self.rejected = Rejected(Path(loop.settings.state_dir) / "spool" / "rejected")
         self.gantt = Gantt()
-        self.gantt.load(loop.store)
+        self.gantt.load(getattr(loop.store.log, "path", None))
         self._chart: Chart | None = None
         self._failing = False
         loop.store.listeners.append(self._on_event)
@@ -243,3 +242,16 @@ def videos(batches: Iterable[Mapping[str, Any]], outputs_dir: Path) -> list[dict
                               "file": path.name,
                               "url": "/outputs/" + path.relative_to(outputs_dir).as_posix()})
     return found[::-1]
+
+
+def tail_records(path: Path, limit: int) -> Iterator[ev.Recorded]:
+    """The records of the last ``limit`` bytes of a log file: from the first whole line
+    there, to its last line that ends in a newline."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            f.seek(size - limit - 1)
+            f.readline()  # the end of a line begun before the tail
+        for line in f:
+            if line.endswith(b"\n"):
+                yield ev.decode(line)

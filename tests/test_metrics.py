@@ -3,13 +3,16 @@ metered event log, the rejection classes, and the timeline the page's Gantt is d
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import dispatch, make_plan, run_to_success
 
+from service.board import tail_records
 from service.metrics import Metrics, events_since_last_snapshot, reason_class
 from statemachine import events as ev
-from statemachine.log import MemoryLog
+from statemachine.log import EventLog, MemoryLog
 from statemachine.store import Store
 from statemachine.timeline import TimelineFold
 
@@ -119,3 +122,24 @@ def test_the_timeline_fold_skips_what_it_never_saw_accepted_and_forgets_old_batc
     assert "b0001" in fold.timeline.batches
     fold.forget_ended_before(3.5)
     assert fold.timeline.batches == {} and fold.timeline.attempts == []
+
+
+def test_the_gantt_starts_from_the_tail_of_the_log(tmp_path: Path) -> None:
+    log = EventLog(tmp_path)
+    store = Store(log)
+    for n in range(1, 4):
+        store.record(ev.BatchAccepted(make_plan(f"b{n:04d}", frames=101)), now=float(n))
+        for job in (f"b{n:04d}/H1", f"b{n:04d}/L1", f"b{n:04d}/C1"):
+            run_to_success(store, job, "gpu", now=float(n))
+    store.commit()
+    log.close()
+    lines = (tmp_path / "events.jsonl").read_bytes().splitlines(keepends=True)
+    third = next(i for i, line in enumerate(lines) if b'"b0003"' in line)
+    tail = sum(len(line) for line in lines[third:])
+    records = list(tail_records(tmp_path / "events.jsonl", tail + 5))  # a cut line first
+    assert records[0].seq == third + 1
+    fold = TimelineFold()
+    for rec in records:
+        fold.add(rec)
+    assert list(fold.timeline.batches) == ["b0003"]
+    assert {a.job_id for a in fold.timeline.attempts} == {"b0003/H1", "b0003/L1", "b0003/C1"}
