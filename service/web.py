@@ -184,8 +184,12 @@ class Handler(BaseHTTPRequestHandler):
         self._route(body=False)
 
     def _refuse(self) -> None:
+        """405; the connection is closed, so a body sent with the request is never read
+        as the next request."""
+        self.close_connection = True
         self._send(HTTPStatus.METHOD_NOT_ALLOWED, b"read-only: GET and HEAD only\n",
-                   "text/plain; charset=utf-8", extra={"Allow": "GET, HEAD"})
+                   "text/plain; charset=utf-8",
+                   extra={"Allow": "GET, HEAD", "Connection": "close"})
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse
 

@@ -3,6 +3,7 @@ with no servers (a store in memory, the server on a free port)."""
 
 from __future__ import annotations
 
+import http.client
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,3 +104,16 @@ def test_a_failing_publish_is_logged_once_and_the_loop_goes_on(loop_for) -> None
         loop.write_status(3.0, force=True)
         assert publisher.board is not None
     assert [e["log_level"] for e in logs if "status page" in e["event"]] == ["error"]
+
+
+def test_a_refused_request_closes_its_connection_unread_body_and_all(loop_for) -> None:
+    loop, web = loop_for("127.0.0.1:0")
+    with web.serving(loop):
+        assert web.url is not None
+        host, port = web.url.removeprefix("http://").rstrip("/").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=5)
+        conn.request("POST", "/api/status", body=b"GET /metrics HTTP/1.1\r\n\r\n")
+        answer = conn.getresponse()
+        answer.read()
+        assert answer.status == 405 and answer.getheader("Connection") == "close"
+        conn.close()
