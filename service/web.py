@@ -71,6 +71,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def loopback_name(host_header: str) -> bool:
+    """A Host header naming this machine's loopback: ``localhost``, ``*.localhost``, or a
+    loopback address, with or without a port."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[1:host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.split(":")[0]
+    return host == "localhost" or host.endswith(".localhost") or is_loopback(host)
+
+
 class StatusWeb:
     """The metrics, the publisher and the server of one daemon, wired in three calls:
     ``metered(log)`` before the store opens, ``watch(store)`` once it is open, and
@@ -149,6 +160,9 @@ class WebServer(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.publisher = publisher
         self.outputs = (state_dir / "outputs").resolve()
+        # Bound to loopback, only a loopback name may be asked for: a web page elsewhere
+        # whose name an attacker points at 127.0.0.1 (DNS rebinding) gets nothing.
+        self.loopback_only = is_loopback(address[0])
         self._svg: tuple[int, bytes] | None = None  # (board version, drawing)
         self._svg_lock = threading.Lock()
         super().__init__(address, Handler)
@@ -196,7 +210,10 @@ class Handler(BaseHTTPRequestHandler):
     def _route(self, *, body: bool) -> None:
         path = urlsplit(self.path).path
         board = self.server.board
-        if path in ("/", "/index.html"):
+        if self.server.loopback_only and not loopback_name(self.headers.get("Host", "")):
+            self._send(HTTPStatus.MISDIRECTED_REQUEST, b"this server answers to loopback "
+                       b"names only (localhost, 127.0.0.1, [::1])\n", "text/plain", body=body)
+        elif path in ("/", "/index.html"):
             self._static("index.html", body)
         elif path.startswith("/static/"):
             self._static(path.removeprefix("/static/"), body)

@@ -117,3 +117,16 @@ def test_a_refused_request_closes_its_connection_unread_body_and_all(loop_for) -
         answer.read()
         assert answer.status == 405 and answer.getheader("Connection") == "close"
         conn.close()
+
+
+@pytest.mark.parametrize(("host", "served"), [
+    ("127.0.0.1:8787", True), ("localhost:8787", True), ("[::1]:8787", True),
+    ("127.0.0.2", True), ("attacker.example:8787", False), ("", False),
+    ("127.0.0.1.nip.io:8787", False)])
+def test_bound_to_loopback_it_answers_only_to_loopback_names(loop_for, host: str,
+                                                               served: bool) -> None:
+    loop, web = loop_for("127.0.0.1:0")
+    with web.serving(loop):
+        assert web.url is not None
+        answer = requests.get(web.url + "metrics", headers={"Host": host}, timeout=5)
+    assert answer.status_code == (200 if served else 421)
