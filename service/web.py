@@ -111,12 +111,12 @@ class StatusWeb:
         if self.endpoint is None or self.metrics is None:
             yield self
             return
-        publisher = Publisher(loop, self.metrics, self._snapshot_seq)
-        loop.on_status.append(publisher.publish)
-        server = self._bind(publisher)
+        server = self._bind()
         if server is None:
             yield self
             return
+        server.publisher = Publisher(loop, self.metrics, self._snapshot_seq)
+        loop.on_status.append(server.publisher.publish)
         thread = threading.Thread(target=server.serve_forever, name="comfy-dual-web",
                                   kwargs={"poll_interval": 0.2}, daemon=True)
         thread.start()
@@ -130,7 +130,7 @@ class StatusWeb:
     def _snapshot_seq(self) -> int:
         return getattr(self._log, "snapshot_seq", 0)
 
-    def _bind(self, publisher: Publisher) -> WebServer | None:
+    def _bind(self) -> WebServer | None:
         assert self.endpoint is not None
         host, port = self.endpoint
         if not is_loopback(host):
@@ -138,7 +138,7 @@ class StatusWeb:
                         "anyone who can reach it sees every batch, prompt and server",
                         address=self.settings.web_address)
         try:
-            server = WebServer((host, port), publisher, Path(self.settings.state_dir))
+            server = WebServer((host, port), Path(self.settings.state_dir))
         except OSError as exc:
             log.warning("⚠️ cannot serve the status page; going on without it (set "
                         "WEB_ADDRESS to a free HOST:PORT, or \"\" for none)",
@@ -155,10 +155,10 @@ class WebServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, address: tuple[str, int], publisher: Publisher, state_dir: Path
-                 ) -> None:
+    publisher: Publisher  # set before it serves
+
+    def __init__(self, address: tuple[str, int], state_dir: Path) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.publisher = publisher
         self.outputs = (state_dir / "outputs").resolve()
         # Bound to loopback, only a loopback name may be asked for: a web page elsewhere
         # whose name an attacker points at 127.0.0.1 (DNS rebinding) gets nothing.

@@ -70,7 +70,7 @@ def test_a_taken_port_is_a_warning_and_the_daemon_goes_on(loop_for) -> None:
         loop, web = loop_for(f"127.0.0.1:{port}")
         with capture_logs() as logs, web.serving(loop):
             loop.write_status(1.0, force=True)
-    assert web.url is None
+    assert web.url is None and loop.on_status == []
     assert any(e["log_level"] == "warning" and "going on without it" in e["event"]
                for e in logs)
     assert (Path(loop.settings.state_dir) / "status.json").exists()
