@@ -101,7 +101,7 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
 def _answers(farm: Farm) -> bool:
     try:
         return farm.get("/api/status").status_code == 200
-    except requests.ConnectionError:
+    except requests.RequestException:
         return False
 
 
