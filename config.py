@@ -71,6 +71,9 @@ FALLBACK = True             # jobs of a DOWN instance's types may run on any UP 
 STATE_DIR = "./var"
 INSTANCE_LOST_TIMEOUT = 120  # seconds DOWN before its jobs go back to ready
 JOB_TIMEOUT = 7200          # seconds a render may run before it is interrupted and retried
+QUEUE_TIMEOUT = 7500        # seconds a job may wait in a server's queue before it is moved
+INTERRUPT_GRACE = 120       # seconds a server may take to let go of a prompt it was told to
+                            # stop; past that it counts as DOWN (its jobs move) until it does
 HEALTH_INTERVAL = 5         # seconds between health probes of an UP instance
 PROBE_BACKOFF_MAX = 60      # longest wait between probes of a DOWN instance
 REQUEST_TIMEOUT = 30        # HTTP read timeout, seconds
@@ -155,6 +158,8 @@ class Settings:
     state_dir: Path
     instance_lost_timeout: float
     job_timeout: float
+    queue_timeout: float
+    interrupt_grace: float
     health_interval: float
     probe_backoff_max: float
     request_timeout: float
@@ -377,7 +382,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "DEFAULT_WIDTH": _size, "DEFAULT_HEIGHT": _size,
     "COMBINE_GATE": _choice(*COMBINE_GATES), "COMBINE_CONCURRENCY": _int_in(1),
     "FALLBACK": _flag, "STATE_DIR": _path, "INSTANCE_LOST_TIMEOUT": _seconds,
-    "JOB_TIMEOUT": _seconds,
+    "JOB_TIMEOUT": _seconds, "QUEUE_TIMEOUT": _seconds, "INTERRUPT_GRACE": _seconds,
     "HEALTH_INTERVAL": _seconds, "PROBE_BACKOFF_MAX": _seconds, "REQUEST_TIMEOUT": _seconds,
     "CONNECT_TIMEOUT": _seconds, "WORKFLOWS": _workflows,
     "ARTIFACT_TRANSFER": _choice(*ARTIFACT_TRANSFERS), "ARTIFACT_DIR": _optional_path,

@@ -44,6 +44,8 @@ class Faults:
         hang_rate: probability that a starting job hangs.
         http_500: while set, ``POST /prompt`` and every GET (``/ws`` too) answer 500.
         response_delay: seconds added before every HTTP answer (debug routes excepted).
+        deaf_to_interrupts: while set, ``POST /interrupt`` is answered and does nothing
+            (a server wedged inside a node).
     """
 
     fail_rate: float = 0.0
@@ -51,6 +53,7 @@ class Faults:
     hang_rate: float = 0.0
     http_500: bool = False
     response_delay: float = 0.0
+    deaf_to_interrupts: bool = False
 
     def __post_init__(self) -> None:
         _check_probability("fail_rate", self.fail_rate)

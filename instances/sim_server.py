@@ -230,7 +230,8 @@ class SimServer:
     async def interrupt(self, request: web.Request) -> web.Response:
         """Interrupt the running job; with ``prompt_id``, only if that is the one running."""
         body = await _json_object(request) or {}
-        self.worker.interrupt(body.get("prompt_id") or None)
+        if not self.faults.current.deaf_to_interrupts:
+            self.worker.interrupt(body.get("prompt_id") or None)
         return web.Response()
 
     # --- history ------------------------------------------------------------------------

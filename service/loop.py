@@ -166,6 +166,10 @@ class Loop:
         # when each running job started (jobs found running after a restart: from now)
         self.running_since = {j.job_id: self.busy.start for j in store.in_flight.values()
                               if j.state is JobState.RUNNING}
+        self.queued_since = {j.job_id: self.busy.start for j in store.in_flight.values()
+                             if j.state is JobState.QUEUED}
+        self.withdraw_since: dict[str, float] = {}  # instance -> asked to withdraw at
+        self.sick: set[str] = set()  # DOWN because they would not let go of a prompt
         self.status_path = status_path
         self.daemon_info = daemon_info
         self._status_written = float("-inf")
@@ -201,7 +205,7 @@ class Loop:
         self._stop_if_unfit()
         self._expire_lost_instances(now)
         self._expire_hung_jobs(now)
-        self._withdraw_abandoned()
+        self._withdraw_abandoned(now)
         if self.intake is not None and self.log_error is None:
             self.intake.turn(self, now)
         if self.log_error is None:
@@ -533,6 +537,8 @@ class Loop:
 
     def _on_health(self, m: Health, now: float) -> None:
         self.reported.add(m.instance_id)
+        if m.up and m.instance_id in self.sick:
+            return  # it answers, but is UP again only once it lets go of its prompts
         self._set_health(m.instance_id, m.up, m.detail, now)
         self._log_fallback()
         if m.up:
@@ -589,17 +595,31 @@ class Loop:
             del self.down_since[instance_id]
 
     def _expire_hung_jobs(self, now: float) -> None:
-        """A render running longer than JOB_TIMEOUT is interrupted and retried (a server
-        can hang on a job without ever saying so)."""
-        limit = self.settings.job_timeout
+        """A server can hang without saying so. A render running longer than JOB_TIMEOUT
+        fails its attempt (and is withdrawn: interrupted); a job queued longer than
+        QUEUE_TIMEOUT goes back to ready without using an attempt (and is withdrawn); a
+        server that has not let go of withdrawn prompts within INTERRUPT_GRACE is sick:
+        DOWN, so its other jobs move after INSTANCE_LOST_TIMEOUT, until it lets go."""
+        s = self.settings
         for job_id, since in list(self.running_since.items()):
             job = self.store.jobs[job_id]
-            if now - since < limit or job.state is not JobState.RUNNING:
-                continue
-            self._fail(job, f"ran longer than JOB_TIMEOUT ({limit:g} s); interrupted", now,
-                       permanent=False)
+            if now - since >= s.job_timeout and job.state is JobState.RUNNING:
+                self._fail(job, f"ran longer than JOB_TIMEOUT ({s.job_timeout:g} s); "
+                           "interrupted", now, permanent=False)
+        for job_id, since in list(self.queued_since.items()):
+            job = self.store.jobs[job_id]
+            if now - since >= s.queue_timeout and job.state is JobState.QUEUED:
+                self.store.record(ev.JobLost(
+                    job.job_id, job.prompt_id, f"queued on {job.instance_id} longer than "
+                    f"QUEUE_TIMEOUT ({s.queue_timeout:g} s)"), now)
+        for instance_id, since in self.withdraw_since.items():
+            if now - since >= s.interrupt_grace and instance_id not in self.sick:
+                self.sick.add(instance_id)
+                self._set_health(instance_id, False, "it has not let go of prompts it was "
+                                 f"told to stop for INTERRUPT_GRACE ({s.interrupt_grace:g} s)",
+                                 now)
 
-    def _withdraw_abandoned(self) -> None:
+    def _withdraw_abandoned(self, now: float) -> None:
         """Prompts of jobs that left an instance without succeeding may still be queued or
         running there (a server that was unreachable, hung, or told to stop once): each UP
         instance is asked to withdraw them, and takes no new work until it has."""
@@ -609,11 +629,17 @@ class Loop:
                     or instance_id in self.withdrawing:
                 continue
             self.withdrawing[instance_id] = tuple(sorted(prompts))
+            self.withdraw_since.setdefault(instance_id, now)
             self.defer(partial(agent.withdraw, self.withdrawing[instance_id]))
 
     def _on_withdrawn(self, m: Withdrawn, now: float) -> None:
         self.withdrawing.pop(m.instance_id, None)
+        self.withdraw_since.pop(m.instance_id, None)
         self.store.record(ev.PromptsWithdrawn(m.instance_id, m.prompt_ids), now)
+        if m.instance_id in self.sick:
+            self.sick.discard(m.instance_id)
+            self._set_health(m.instance_id, True, "it let go of the prompts it was told to "
+                             "stop", now)
 
     def _settle_and_forget_gone_instances(self) -> None:
         """At start: record the follow-ups a torn last turn may have left out, and send
@@ -635,10 +661,14 @@ class Loop:
             self.batch_views.touch(subject.batch_id if isinstance(subject, Batch)
                                    else subject.batch.batch_id)
         e = rec.event
-        if isinstance(e, ev.JobStarted):
+        if isinstance(e, ev.JobQueued):
+            self.queued_since[e.job_id] = rec.ts
+        elif isinstance(e, ev.JobStarted):
+            self.queued_since.pop(e.job_id, None)
             self.busy.job_started(e.job_id, subject.instance_id, rec.ts)
             self.running_since[e.job_id] = rec.ts
         elif isinstance(e, JOB_ENDINGS):
+            self.queued_since.pop(e.job_id, None)
             self.busy.job_ended(e.job_id, rec.ts)
             self.running_since.pop(e.job_id, None)
 

@@ -118,3 +118,43 @@ def test_prompts_left_on_a_server_while_it_was_unreachable_never_run_there(tmp_p
     assert order[0] == "prompts_withdrawn" and "job_dispatch_intent" in order
     assert {p for e in after_loss if e.type == "prompts_withdrawn" for p in e.prompt_ids} \
         >= lost
+
+
+def successes_once(sims) -> bool:
+    done = Counter(r["job_id"] for sim in sims for r in sim.executions()
+                   if r["status"] == "success")
+    return set(done.values()) == {1}
+
+
+def test_a_job_queued_behind_a_hung_render_is_reconsidered_and_the_server_recovers(
+        tmp_path, sims):
+    high, low = sims
+    high.set_faults(hang=True)
+    state = tmp_path / "state"
+
+    def unhang_once_interrupted():
+        wait_for(lambda: any(r["status"] == "interrupted" for r in high.executions()),
+                 "the hung render interrupted")
+        high.set_faults(hang=False)
+
+    settings = settings_for(state, high.port, low.port, JOB_TIMEOUT=1.5, QUEUE_TIMEOUT=0.5,
+                            FALLBACK=False)
+    result = run_while(unhang_once_interrupted, settings,
+                       [prompt_file(tmp_path, "first", 101), prompt_file(tmp_path, "second", 101)])
+    assert result.all_done and successes_once(sims)
+    assert any("QUEUE_TIMEOUT" in e.reason for e in events(state, "job_lost"))
+    assert any("JOB_TIMEOUT" in e.error for e in events(state, "job_attempt_failed"))
+
+
+def test_a_server_that_ignores_interrupts_is_sick_and_its_jobs_move(tmp_path, sims):
+    high, low = sims
+    high.set_faults(hang=True, deaf_to_interrupts=True)
+    state = tmp_path / "state"
+    settings = settings_for(state, high.port, low.port, JOB_TIMEOUT=0.5, INTERRUPT_GRACE=0.5,
+                            INSTANCE_LOST_TIMEOUT=0.5)
+    result = daemon.run_files(settings, [prompt_file(tmp_path, "first", 101),
+                                         prompt_file(tmp_path, "second", 101)], daemon.Stop())
+    assert result.all_done and successes_once(sims)
+    down = [e for e in events(state, "instance_down") if e.instance_id == "high_priority"]
+    assert down and "INTERRUPT_GRACE" in down[0].reason
+    assert any(e.reason == "high_priority unreachable" for e in events(state, "job_lost"))
