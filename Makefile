@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) bench/intake.py
 	$(PY) bench/makespan.py
 	$(PY) bench/overhead.py
+	$(PY) bench/faults.py
 
 chaos: $(STAMP)
 	$(PY) bench/chaos.py --kills 300 --server-kills 20 --seed 3
