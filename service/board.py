@@ -132,29 +132,42 @@ class Rejected:
 class Gantt:
     """The timeline of recent batches, folded from the events as they are recorded."""
 
-    def __init__(self) -> None:
+    def __init__(self, history: Path | None) -> None:
         self.fold = TimelineFold()
         self.changed = True
         self._pruned = float("-inf")
+        self._history = history
+        self._since_start: list[ev.Recorded] | None = []  # held until the history is read
 
-    def load(self, path: Path | None) -> None:
-        """Start from the last HISTORY_BYTES of the event log at ``path``: the batches
-        accepted there (a restart reads a bounded amount whatever the log's length)."""
-        if path is None:
-            return
+    def add(self, rec: ev.Recorded) -> None:
+        if self._since_start is not None:
+            self._since_start.append(rec)
+        else:
+            self.fold.add(rec)
+        self.changed = True
+
+    def _load(self) -> None:
+        """Start from the last HISTORY_BYTES of the event log: the batches accepted there
+        (a restart reads a bounded amount whatever the log's length). Read at the first
+        chart, not at start: reading it delayed a restarted daemon's first dispatch by a
+        third of a second; the events recorded since the start follow it in order."""
+        held, self._since_start = self._since_start or [], None
+        seen = held[0].seq if held else None
         try:
-            for rec in tail_records(path, HISTORY_BYTES):
+            for rec in tail_records(self._history, HISTORY_BYTES) if self._history else ():
+                if seen is not None and rec.seq >= seen:
+                    break
                 self.fold.add(rec)
         except (OSError, CorruptLog) as exc:
             log.warning("⚠️ the page's Gantt starts now: cannot read the event log's past",
                         error=str(exc))
-
-    def add(self, rec: ev.Recorded) -> None:
-        self.fold.add(rec)
-        self.changed = True
+        for rec in held:
+            self.fold.add(rec)
 
     def chart(self, now: float) -> Chart | None:
         """A chart of frozen copies of the batches shown, ended at ``now``."""
+        if self._since_start is not None:
+            self._load()
         if now - self._pruned > 60:
             self.fold.forget_ended_before(now - GANTT_HOURS * 3600)
             self._pruned = now
@@ -183,8 +196,7 @@ class Publisher:
         self.board: Board | None = None
         self.grids = Grids()
         self.rejected = Rejected(Path(loop.settings.state_dir) / "spool" / "rejected")
-        self.gantt = Gantt()
-        self.gantt.load(getattr(loop.store.log, "path", None))
+        self.gantt = Gantt(getattr(loop.store.log, "path", None))
         self._chart: Chart | None = None
         self._failing = False
         loop.store.listeners.append(self._on_event)

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import dispatch, make_plan, run_to_success
 
-from service.board import tail_records
+from service.board import Gantt, tail_records
 from service.metrics import Metrics, events_since_last_snapshot, reason_class
 from statemachine import events as ev
 from statemachine.log import EventLog, MemoryLog
@@ -143,3 +143,20 @@ def test_the_gantt_starts_from_the_tail_of_the_log(tmp_path: Path) -> None:
         fold.add(rec)
     assert list(fold.timeline.batches) == ["b0003"]
     assert {a.job_id for a in fold.timeline.attempts} == {"b0003/H1", "b0003/L1", "b0003/C1"}
+
+
+def test_the_gantt_reads_its_history_at_its_first_chart_and_keeps_the_order(tmp_path: Path):
+    """Events recorded between the start and the first chart (the history is read then,
+    not on the way to the first dispatch) come after the history, once each."""
+    log = EventLog(tmp_path)
+    store = Store(log)
+    store.record(ev.BatchAccepted(make_plan("b0001", frames=101)), now=1.0)
+    run_to_success(store, "b0001/H1", "gpu", now=2.0)
+    store.commit()
+    gantt = Gantt(tmp_path / "events.jsonl")
+    store.listeners.append(lambda rec, subject: gantt.add(rec))
+    run_to_success(store, "b0001/L1", "gpu", now=3.0)
+    store.commit()  # in the file too: read once, from the history or from what was held
+    assert gantt.chart(now=4.0) is not None
+    attempts = [a.job_id for a in gantt.fold.timeline.attempts]
+    assert attempts == ["b0001/H1", "b0001/L1"]
