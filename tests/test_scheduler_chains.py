@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from dataclasses import replace
 
 import pytest
 from support import Inst, Ready, dispatch, make_plan
@@ -138,3 +139,49 @@ def test_four_videos_of_five_chunks_end_at_the_optimum(low, optimum):
         farm.store.record(ev.BatchAccepted(make_plan(f"b{n}", 500)), 0.0)
     assert farm.run() == pytest.approx(optimum)
     assert all(b.state.value == "done" for b in farm.store.batches.values())
+
+
+# --- many servers: video order and COMBINE standby -------------------------------------
+
+
+def farm_view(instance_id: str, in_flight: int, last: str | None = None) -> InstanceView:
+    kind = "HIGH" if instance_id.startswith("h") else "LOW"
+    return InstanceView(instance_id, frozenset({kind, "COMBINE"}), 2, True, in_flight,
+                        last_kind=last)
+
+
+def test_the_earlier_video_goes_first_and_one_with_more_renders_left_before_it():
+    """Video 0 (one render left) before video 1 (one left), whatever became ready first;
+    video 2 with four renders left goes before both."""
+    jobs = [Ready("v1", JobKind.HIGH, 0, video=1, renders_left=1),
+            Ready("v0", JobKind.HIGH, 1, video=0, renders_left=1),
+            Ready("v2", JobKind.HIGH, 2, video=2, renders_left=4)]
+    views = [view("high", 1, "HIGH"), view("low", 2, "LOW")]
+    assert run(jobs, views) == [Assignment("v2", "high")]
+    assert run(jobs[:2], views) == [Assignment("v0", "high")]
+
+
+def test_on_standby_no_render_queues_behind_another_on_an_instance_that_takes_combine():
+    views = [farm_view("h1", 1, "HIGH"), farm_view("h2", 0), farm_view("l1", 1, "LOW")]
+    jobs = ready("HIGH", "HIGH", "LOW")
+    # nothing coming: every free slot is filled
+    assert sorted(a.job_id for a in run(jobs, views)) == ["HIGH", "HIGH", "LOW"]
+    # a COMBINE coming: only the empty h2 takes a render
+    assert schedule(jobs, views, now=0.0, fallback=False, combine_concurrency=1,
+                    combines_in_flight=0, combines_coming=True) == [Assignment("HIGH", "h2")]
+
+
+def test_on_standby_a_combine_goes_where_the_render_ends_first():
+    costs = Costs({"HIGH": 1.0, "LOW": 1.0, "COMBINE": 0.2})
+    views = [replace(farm_view("h1", 1, "HIGH"), busy_for=0.8),
+             replace(farm_view("l1", 1, "LOW"), busy_for=0.3),
+             replace(farm_view("l2", 1, "LOW"), busy_for=0.6)]
+    jobs = ready("LOW", "COMBINE")
+    assert run(jobs, views, costs) == [Assignment("COMBINE", "l1")]
+
+
+def test_with_two_instances_for_combines_there_is_no_standby():
+    views = [view("high", 1, "HIGH"), view("low", 1, "LOW")]
+    assert schedule(ready("HIGH", "LOW"), views, now=0.0, fallback=False,
+                    combine_concurrency=1, combines_in_flight=0, combines_coming=True) == [
+        Assignment("HIGH", "high"), Assignment("LOW", "low")]
