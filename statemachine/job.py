@@ -53,9 +53,9 @@ BATCH_FINAL = frozenset({BatchState.DONE, BatchState.FAILED, BatchState.CANCELLE
 class Job:
     """One job's live state. The immutable part (kind, deps, params) is its ``spec``."""
 
-    __slots__ = ("attempts", "batch", "dependants", "eligible_at", "error", "instance_id",
-                 "job_id", "kind", "line", "number", "outputs", "prompt_id", "ready_seq",
-                 "spec", "state")
+    __slots__ = ("attempts", "batch", "dependants", "eligible_at", "error", "fifo",
+                 "instance_id", "job_id", "kind", "line", "number", "outputs", "prompt_id",
+                 "ready_seq", "spec", "state")
 
     def __init__(self, spec: JobSpec, batch: Batch) -> None:
         self.spec = spec
@@ -66,7 +66,7 @@ class Job:
         self.dependants: list[Job] = []
         self.eligible_at = 0.0
         self.ready_seq = 0
-        self.line = 0  # its place in the scheduler's order, set when it becomes ready
+        self.line = self.fifo = 0  # its place in the scheduler's orders, set when ready
         self.attempts = 0
         self.instance_id: str | None = None
         self.prompt_id: str | None = None

@@ -2,14 +2,17 @@
 
 Rules, in the order they apply:
 
-- Order (higher batch priority first): by the video's place in line, the order its batch
-  was accepted in (``video``) moved forward by one for every render it has left
-  (``video - renders_left``), then by readiness. Jobs of different videos still
-  interleave (a video has one job ready at a time), but the earlier videos end first, so
-  their COMBINE chains run while the others render instead of piling up at the end, and
-  a long video is not left to render alone after the others (bench/makespan.py's W5,
-  forty videos on eight servers, without latency: 55.4 units by readiness alone, 53.6 by
-  video order alone, 48.8 so; W1 to W4 as before but W3, 0.9% longer). See COMBINE chains.
+- FIFO by readiness (higher batch priority first), so jobs of different videos interleave
+  and no ready job waits behind one that became ready after it; but where COMBINE chains
+  run (below), by the video's place in line instead: the order its batch was accepted in
+  (``video``) moved forward by one for every render it has left (``video -
+  renders_left``), then by readiness. Videos still interleave (a video has one render
+  ready at a time), but the earlier ones end first, so their COMBINE chains run while the
+  others render instead of piling up at the end, and a long video is not left to render
+  alone after the others (bench/makespan.py's W5, forty videos on eight servers, without
+  latency: 55.4 units by readiness, 53.6 by video order alone, 48.8 so; W1 to W4 as
+  before but W3, 0.9% longer). With one server for everything, readiness keeps jobs of one
+  kind together: taken video by video, it would switch models at every job.
 - A job waits out its retry backoff (``eligible_at``).
 - Type affinity: a job goes to an UP instance whose ``job_types`` hold its kind and that
   has a free slot: the one where it is expected to start first, model switches counted
@@ -47,7 +50,7 @@ Rules, in the order they apply:
   batches end the run long after the renders (bench/makespan.py's W1: 24.2 units, 23.5
   with this rule; 23 is the least possible). Held free, the instance runs the chain back
   to back while the others render. With a single such instance nothing renders meanwhile:
-  the order stays as above and nothing is held (holding would only idle it between jobs).
+  the order stays FIFO and nothing is held (holding would only idle it between jobs).
 - COMBINE standby, where more than two UP instances take COMBINE jobs: while a COMBINE is
   ready or coming (``combines_coming``: a batch's last renders are in flight), an
   instance that takes COMBINE jobs queues no render behind another one. Its second slot
@@ -57,9 +60,9 @@ Rules, in the order they apply:
   latency would end at 23.2, not 23).
 
 Cost: a decision filters the ready jobs once, puts in order only those of kinds some
-instance has room for (by ``line``, one int per job kept by the store), and stops reading
-them once every such kind is placed or full: bench/core.py times it over 10,000 ready
-jobs with 8 and with 64 instances.
+instance has room for (by ``line`` or ``fifo``, ints the store keeps per job), and stops
+reading them once every such kind is placed or full: bench/core.py times it over 10,000
+ready jobs with 8 and with 64 instances.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ class ReadyJob(Protocol):
     ready_seq: int
     eligible_at: float
     line: int  # ``line_of(job)``, set by the store when the job became ready
+    fifo: int  # ``fifo_of(job)``, the same
 
 
 _PLACE = 1 << 31  # a video's place in line, shifted to be >= 0 (fewer than 2**31 videos)
@@ -104,7 +108,13 @@ def line_of(job: ReadyJob) -> int:
     return (((-job.priority << 32) + place) << 64) + job.ready_seq
 
 
-_ORDER = operator.attrgetter("line")
+def fifo_of(job: ReadyJob) -> int:
+    """Priority (higher first), then readiness, packed in one int like ``line_of``."""
+    return (-job.priority << 64) + job.ready_seq
+
+
+_LINE = operator.attrgetter("line")
+_FIFO = operator.attrgetter("fifo")
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +200,7 @@ def schedule(ready: Iterable[ReadyJob], instances: Sequence[InstanceView], *, no
     if not wanted:
         return []
     line = _in_line([j for j in ready if j.kind in wanted] if wanted != kinds else ready,
-                    combines_first=chained)
+                    chained=chained)
     full: set[JobKind] = set()  # kinds no instance has room for any more this turn
     out: list[Assignment] = []
     waiting: list[ReadyJob] = []  # eligible, but no instance of their type is free
@@ -242,16 +252,16 @@ def _steals(waiting: Sequence[ReadyJob], turn: _Turn,
     return out
 
 
-def _in_line(jobs: Sequence[ReadyJob], *, combines_first: bool) -> Iterable[ReadyJob]:
-    """``jobs`` in the order they are taken (``line``); with
-    ``combines_first``, a COMBINE before the renders of its priority (merged lazily:
-    only the head of the line is ever read)."""
-    if not combines_first:
-        return sorted(jobs, key=_ORDER)
-    combines = sorted((j for j in jobs if j.kind is JobKind.COMBINE), key=_ORDER)
+def _in_line(jobs: Sequence[ReadyJob], *, chained: bool) -> Iterable[ReadyJob]:
+    """``jobs`` in the order they are taken: where COMBINE chains run, by ``line`` with a
+    COMBINE before the renders of its priority (merged lazily: only the head of the line
+    is ever read); elsewhere by ``fifo``."""
+    if not chained:
+        return sorted(jobs, key=_FIFO)
+    combines = sorted((j for j in jobs if j.kind is JobKind.COMBINE), key=_LINE)
     if not combines:
-        return sorted(jobs, key=_ORDER)
-    renders = sorted((j for j in jobs if j.kind is not JobKind.COMBINE), key=_ORDER)
+        return sorted(jobs, key=_LINE)
+    renders = sorted((j for j in jobs if j.kind is not JobKind.COMBINE), key=_LINE)
     return heapq.merge(combines, renders, key=_priority)  # ties: COMBINE, the first
 
 

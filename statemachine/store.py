@@ -39,7 +39,7 @@ from statemachine.job import (
 from statemachine.log import Log
 from statemachine.plan import BatchPlan, JobKind
 from statemachine.rules import follow_ups
-from statemachine.scheduler import InstanceView, line_of
+from statemachine.scheduler import InstanceView, fifo_of, line_of
 
 SNAPSHOT_VERSION = 1
 
@@ -148,7 +148,7 @@ class Store:
 
     def _reindex(self, job: Job, old: JobState, seq: int, *, live: bool = False) -> None:
         """Keep the ready and in-flight indexes and the counters the rules use (a ready
-        job's ``line`` only when ``live``: a replay sets them all at its end)."""
+        job's ``line`` and ``fifo`` only when ``live``: a replay sets them at its end)."""
         new = job.state
         self.state_counts[old] -= 1
         self.state_counts[new] += 1
@@ -157,7 +157,7 @@ class Store:
         elif new is JobState.READY:
             job.ready_seq = seq
             if live:
-                job.line = line_of(job)
+                job.line, job.fifo = line_of(job), fifo_of(job)
             self.ready[job.job_id] = job
         if new in IN_FLIGHT:
             if old not in IN_FLIGHT:
@@ -286,10 +286,10 @@ class Store:
         return store
 
     def _line_up(self) -> None:
-        """Set every ready job's ``line`` once the batches' counters are final (after a
-        replay or a restore)."""
+        """Set every ready job's ``line`` and ``fifo`` once the batches' counters are final
+        (after a replay or a restore)."""
         for job in self.ready.values():
-            job.line = line_of(job)
+            job.line, job.fifo = line_of(job), fifo_of(job)
 
     def _replay(self, lines: Iterable[tuple[int, bytes]]) -> None:
         """Apply the lines after the snapshot. One loop, no call per line but the work:

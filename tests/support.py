@@ -12,7 +12,7 @@ from typing import Any
 from statemachine import events as ev
 from statemachine.plan import BatchPlan, JobKind
 from statemachine.planner import PromptSpec, plan_batch
-from statemachine.scheduler import line_of
+from statemachine.scheduler import fifo_of, line_of
 
 
 @dataclass
@@ -30,6 +30,10 @@ class Ready:
     @property
     def line(self) -> int:
         return line_of(self)
+
+    @property
+    def fifo(self) -> int:
+        return fifo_of(self)
 
 
 @dataclass(frozen=True)

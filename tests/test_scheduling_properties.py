@@ -98,10 +98,12 @@ def on_standby(view: InstanceView, views, store, now: float) -> bool:
             and JobKind.COMBINE.value in view.job_types)
 
 
-def place(job) -> tuple[int, int, int]:
-    """The order ready jobs are taken in: priority, then the video's place in line (the
-    order its batch was accepted in, less the renders it has left), then readiness."""
-    return -job.priority, job.batch.number - job.batch.renders_left, job.ready_seq
+def place(job, views) -> tuple[int, int, int]:
+    """The order ready jobs are taken in: priority, then, where COMBINE chains run, the
+    video's place in line (the order its batch was accepted in, less the renders it has
+    left), then readiness."""
+    line = job.batch.number - job.batch.renders_left if chained(views) else 0
+    return -job.priority, line, job.ready_seq
 
 
 class CoreMachine(RuleBasedStateMachine):
@@ -198,10 +200,10 @@ class CoreMachine(RuleBasedStateMachine):
         by_id = {v.instance_id: v for v in views}
         for job_id, instance_id in picked.items():
             job = self.store.jobs[job_id]
-            key = place(job)
+            key = place(job, views)
             for other in ready:
                 if (other.job_id in picked or other.eligible_at > self.now
-                        or place(other) >= key):
+                        or place(other, views) >= key):
                     continue
                 if other.kind is JobKind.COMBINE and job.kind is not JobKind.COMBINE:
                     continue  # COMBINE may be held back by its own concurrency limit
