@@ -1,6 +1,7 @@
 """Makespan benchmark: how close each scheduling policy gets to a lower bound.
 
-Run from the repository root (not part of the test suite)::
+Run from the repository root (not part of the test suite; at the default unit W1 to W4
+take about 4 minutes, W5 and W6 about 5, most of it their one-server runs)::
 
     .venv/bin/python bench/makespan.py              # a table, W1 to W6
     .venv/bin/python bench/makespan.py --json       # one JSON object a line, one per run
