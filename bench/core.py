@@ -47,7 +47,8 @@ from statemachine.rules import cancel_batch, failure_event
 from statemachine.scheduler import InstanceView, schedule
 from statemachine.store import Policy, Store
 
-TARGETS = {"replay_1m_s": 5.0, "mem_100k_mb": 300.0, "decide_10k_ms": 5.0}
+TARGETS = {"replay_1m_s": 5.0, "mem_100k_mb": 300.0, "decide_10k_ms": 5.0,
+           "decide_10k_64i_ms": 5.0}
 POLICY = Policy(max_retries=3, retry_delay=5.0)
 POSITIVE = ("A slow dolly shot along an empty beach at sunset, waves rolling in over wet sand, "
             "warm golden light, long shadows, gulls in the distance, cinematic, 35mm film grain, "
@@ -349,12 +350,16 @@ def _fail_once(store: Store, job_id: str, now: float) -> None:
                                now=DECIDE_NOW, policy=store.policy), now)
 
 
-def decide_views(store: Store) -> list[InstanceView]:
+def decide_views(store: Store, copies: int = 1) -> list[InstanceView]:
     """h1 and l1 full, h2 and hl with one slot free, l3 idle; h3, l2 and c1 DOWN (so
-    COMBINE jobs fall back to any UP instance)."""
+    COMBINE jobs fall back to any UP instance). With ``copies``, that many such groups
+    of eight (``h1.0``, ``h1.1``, ...), each loaded alike."""
     loads = {"h1": 2, "h2": 1, "l1": 2, "hl": 1}
-    return [replace(v, up=v.instance_id not in DECIDE_DOWN, in_flight=loads.get(v.instance_id, 0))
-            for v in store.instance_views(DECIDE_FARM, now=DECIDE_NOW)]
+    farm = [replace(i, instance_id=f"{i.instance_id}.{n}") if copies > 1 else i
+            for n in range(copies) for i in DECIDE_FARM]
+    views = store.instance_views(farm, now=DECIDE_NOW)
+    return [replace(v, up=name not in DECIDE_DOWN, in_flight=loads.get(name, 0))
+            for v, name in ((v, v.instance_id.split(".")[0]) for v in views)]
 
 
 def time_decide(ready: Iterable[Job], views: list[InstanceView], *, combines_in_flight: int,
@@ -382,10 +387,13 @@ def measure_decide(directory: Path) -> dict[str, Any]:
             for v in views]
     no_low = [j for j in store.ready.values() if j.kind is not JobKind.LOW]
     scan_ms, _ = time_decide(no_low, full, combines_in_flight=1)
+    farm = decide_views(store, copies=8)  # 64 instances: eight groups like the eight above
+    farm_ms, farm_assigned = time_decide(store.ready.values(), farm, combines_in_flight=0)
     kinds = {k.value: sum(1 for j in store.ready.values() if j.kind is k) for k in JobKind}
     return {"decide_10k_ms": ms, "decide_10k_assigned": assigned, "decide_ready": len(store.ready),
             "decide_ready_kinds": kinds, "decide_full_scan_ms": scan_ms,
-            "decide_full_scan_jobs": len(no_low)}
+            "decide_full_scan_jobs": len(no_low), "decide_10k_64i_ms": farm_ms,
+            "decide_10k_64i_assigned": farm_assigned}
 
 
 # --- running it all ----------------------------------------------------------------------

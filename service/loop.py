@@ -376,7 +376,8 @@ class Loop:
                          now=now, fallback=s.fallback,
                          combine_concurrency=s.combine_concurrency,
                          combines_in_flight=store.combines_in_flight(),
-                         costs=store.estimates.costs(), unfinished=store.coming_work())
+                         costs=store.estimates.costs(), unfinished=store.coming_work(),
+                         combines_coming=store.combines_coming())
         for pick in picks:
             if pick.stolen:
                 log.info(f"🤝 Instance {pick.instance_id} is out of its own work and takes "

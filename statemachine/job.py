@@ -53,9 +53,9 @@ BATCH_FINAL = frozenset({BatchState.DONE, BatchState.FAILED, BatchState.CANCELLE
 class Job:
     """One job's live state. The immutable part (kind, deps, params) is its ``spec``."""
 
-    __slots__ = ("attempts", "batch", "dependants", "eligible_at", "error", "instance_id",
-                 "job_id", "kind", "number", "outputs", "prompt_id", "ready_seq", "spec",
-                 "state")
+    __slots__ = ("attempts", "batch", "dependants", "eligible_at", "error", "fifo",
+                 "instance_id", "job_id", "kind", "line", "number", "outputs", "prompt_id",
+                 "ready_seq", "spec", "state")
 
     def __init__(self, spec: JobSpec, batch: Batch) -> None:
         self.spec = spec
@@ -66,6 +66,7 @@ class Job:
         self.dependants: list[Job] = []
         self.eligible_at = 0.0
         self.ready_seq = 0
+        self.line = self.fifo = 0  # its place in the scheduler's orders, set when ready
         self.attempts = 0
         self.instance_id: str | None = None
         self.prompt_id: str | None = None
@@ -76,6 +77,16 @@ class Job:
     @property
     def priority(self) -> int:
         return self.batch.plan.priority
+
+    @property
+    def video(self) -> int:
+        """Where its batch came in: 0 for the first batch accepted, 1 for the next, ..."""
+        return self.batch.number
+
+    @property
+    def renders_left(self) -> int:
+        """Its batch's HIGH and LOW jobs not succeeded yet."""
+        return self.batch.renders_left
 
     def __repr__(self) -> str:
         return f"<Job {self.job_id} {self.state.value}>"
@@ -89,14 +100,16 @@ class Batch:
         "combines_left",
         "ended_at",
         "jobs",
+        "number",
         "plan",
         "reason",
         "renders_left",
         "state",
     )
 
-    def __init__(self, plan: BatchPlan, accepted_at: float) -> None:
+    def __init__(self, plan: BatchPlan, accepted_at: float, number: int = 0) -> None:
         self.plan = plan
+        self.number = number  # the order it was accepted in
         self.state = BatchState.ACCEPTED
         self.accepted_at = accepted_at
         self.ended_at: float | None = None

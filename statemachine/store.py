@@ -39,7 +39,7 @@ from statemachine.job import (
 from statemachine.log import Log
 from statemachine.plan import BatchPlan, JobKind, upcast_v1
 from statemachine.rules import follow_ups
-from statemachine.scheduler import InstanceView
+from statemachine.scheduler import InstanceView, fifo_of, line_of
 
 SNAPSHOT_VERSION = 2  # 2: plans in the form of event schema 2
 
@@ -145,14 +145,15 @@ class Store:
         take = self.estimates.takes.get(type(event))
         if take is not None:
             take(event, job, ts)
-        self._reindex(job, old, seq)
+        self._reindex(job, old, seq, live=append is not None)
         if old in IN_FLIGHT and job.state not in IN_FLIGHT and job.state is not \
                 JobState.SUCCEEDED and sent_to is not None:
             self.abandoned.setdefault(sent_to, set()).add(prompt_id)
         return job
 
-    def _reindex(self, job: Job, old: JobState, seq: int) -> None:
-        """Keep the ready and in-flight indexes and the counters the rules use."""
+    def _reindex(self, job: Job, old: JobState, seq: int, *, live: bool = False) -> None:
+        """Keep the ready and in-flight indexes and the counters the rules use (a ready
+        job's ``line`` and ``fifo`` only when ``live``: a replay sets them at its end)."""
         new = job.state
         self.state_counts[old] -= 1
         self.state_counts[new] += 1
@@ -160,6 +161,8 @@ class Store:
             del self.ready[job.job_id]
         elif new is JobState.READY:
             job.ready_seq = seq
+            if live:
+                job.line, job.fifo = line_of(job), fifo_of(job)
             self.ready[job.job_id] = job
         if new in IN_FLIGHT:
             if old not in IN_FLIGHT:
@@ -183,7 +186,7 @@ class Store:
         _check_plan(plan, self.batches, self.jobs)
         if append is not None:
             append()
-        batch = Batch(plan, ts)
+        batch = Batch(plan, ts, len(self.batches))
         for spec in plan.jobs:
             job = Job(spec, batch)
             batch.jobs.append(job)
@@ -269,6 +272,13 @@ class Store:
         combines = sum(batch.combines_left for batch in self.combining.values())
         return coming | ({JobKind.COMBINE.value: combines} if combines else {})
 
+    def combines_coming(self) -> bool:
+        """Whether a COMBINE job is expected to become ready soon: a render of a batch
+        with at most two renders left (its last chunk) is in flight. Reads only the jobs
+        in flight."""
+        return any(j.kind.renders and j.batch.renders_left <= 2
+                   for j in self.in_flight.values())
+
     def combines_in_flight(self) -> int:
         return sum(1 for j in self.in_flight.values() if j.kind is JobKind.COMBINE)
 
@@ -286,7 +296,14 @@ class Store:
             if snapshot is not None:
                 store._restore(orjson.loads(snapshot))
             store._replay(log.lines())
+        store._line_up()
         return store
+
+    def _line_up(self) -> None:
+        """Set every ready job's ``line`` and ``fifo`` once the batches' counters are final
+        (after a replay or a restore)."""
+        for job in self.ready.values():
+            job.line, job.fifo = line_of(job), fifo_of(job)
 
     def _replay(self, lines: Iterable[tuple[int, bytes]]) -> None:
         """Apply the lines after the snapshot. One loop, no call per line but the work:
@@ -335,6 +352,7 @@ class Store:
                 _restore_job(job, saved)
                 self._reindex(job, JobState.WAITING, job.ready_seq)
         self.ready = dict(sorted(self.ready.items(), key=lambda kv: kv[1].ready_seq))
+        self._line_up()
         self.instance_up = dict(snap["instance_up"])
         self.abandoned = {i: set(p) for i, p in snap.get("abandoned", {}).items()}
         if "estimates" in snap:  # snapshots written before estimates were kept have none

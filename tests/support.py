@@ -12,6 +12,7 @@ from typing import Any
 from statemachine import events as ev
 from statemachine.plan import BatchPlan, JobKind
 from statemachine.planner import PromptSpec, plan_batch
+from statemachine.scheduler import fifo_of, line_of
 
 
 @dataclass
@@ -23,6 +24,16 @@ class Ready:
     ready_seq: int
     priority: int = 0
     eligible_at: float = 0.0
+    video: int = 0
+    renders_left: int = 0
+
+    @property
+    def line(self) -> int:
+        return line_of(self)
+
+    @property
+    def fifo(self) -> int:
+        return fifo_of(self)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,8 @@ LAYOUTS = {
     "three_steal": (Inst("h1", kinds("HIGH"), 1, kinds("LOW", "COMBINE")),
                     Inst("h2", kinds("HIGH"), 2),
                     Inst("low", kinds("LOW", "COMBINE"), 1, kinds("HIGH"))),
+    "farm": (Inst("h1", kinds("HIGH", "COMBINE"), 2), Inst("h2", kinds("HIGH", "COMBINE"), 2),
+             Inst("l1", kinds("LOW", "COMBINE"), 2), Inst("l2", kinds("LOW", "COMBINE"), 1)),
     "combiner_steal": (Inst("high", kinds("HIGH"), 2, kinds("LOW", "COMBINE")),
                        Inst("low", kinds("LOW"), 3, kinds("HIGH")),
                        Inst("mix", kinds("COMBINE"), 1, kinds("HIGH", "LOW"))),
@@ -81,6 +83,27 @@ def holds_chain(view: InstanceView, views, combines_in_flight: int) -> bool:
     """Then an instance whose queue ends with a COMBINE not ended yet takes nothing more."""
     return (chained(views) and combines_in_flight > 0 and view.in_flight > 0
             and view.last_kind == JobKind.COMBINE.value)
+
+
+def on_standby(view: InstanceView, views, store, now: float) -> bool:
+    """Where more than two UP instances take COMBINE jobs and a COMBINE is ready or coming
+    (a batch's last renders in flight), one that takes COMBINE queues no render behind
+    another job: its free slot is kept for a COMBINE."""
+    combiners = sum(1 for v in views if v.up and JobKind.COMBINE.value in v.job_types)
+    coming = any(j.kind.renders and j.batch.renders_left <= 2
+                 for j in store.in_flight.values())
+    ready = any(j.kind is JobKind.COMBINE and j.eligible_at <= now
+                for j in store.ready.values())
+    return (combiners > 2 and (coming or ready) and view.in_flight > 0
+            and JobKind.COMBINE.value in view.job_types)
+
+
+def place(job, views) -> tuple[int, int, int]:
+    """The order ready jobs are taken in: priority, then, where COMBINE chains run, the
+    video's place in line (the order its batch was accepted in, less the renders it has
+    left), then readiness."""
+    line = job.batch.number - job.batch.renders_left if chained(views) else 0
+    return -job.priority, line, job.ready_seq
 
 
 class CoreMachine(RuleBasedStateMachine):
@@ -173,16 +196,16 @@ class CoreMachine(RuleBasedStateMachine):
         self.store.commit()
 
     def check_fifo(self, picks, ready, views) -> None:
-        """No eligible job is passed over for one that became ready after it, but a COMBINE
-        goes before renders where chains run back to back."""
+        """No eligible job is passed over for one that comes after it in line (``place``),
+        but a COMBINE goes before renders where chains run back to back."""
         picked = {p.job_id: p.instance_id for p in picks}
         by_id = {v.instance_id: v for v in views}
         for job_id, instance_id in picked.items():
             job = self.store.jobs[job_id]
-            key = (-job.priority, job.ready_seq)
+            key = place(job, views)
             for other in ready:
                 if (other.job_id in picked or other.eligible_at > self.now
-                        or (-other.priority, other.ready_seq) >= key):
+                        or place(other, views) >= key):
                     continue
                 if other.kind is JobKind.COMBINE and job.kind is not JobKind.COMBINE:
                     continue  # COMBINE may be held back by its own concurrency limit
@@ -424,9 +447,12 @@ class CoreMachine(RuleBasedStateMachine):
             if (not view.up or view.in_flight >= view.max_concurrent
                     or holds_chain(view, views, combines)):
                 continue
+            standby = on_standby(view, views, self.store, self.now)
             for job in self.store.ready.values():
                 if job.eligible_at > self.now or (job.kind is JobKind.COMBINE
                                                   and not combine_free):
+                    continue
+                if standby and job.kind.renders:
                     continue
                 assert not may_run(job.kind, view, views, self.fallback), (
                     f"{view.instance_id} idles while {job.job_id} is ready")
