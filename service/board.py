@@ -37,7 +37,7 @@ GANTT_BATCHES = 40  # ... at most this many, the latest
 GRID_ENDED = 20  # the page's grid shows open batches and this many ended ones
 REJECTED_SHOWN = 50  # the latest rejected files listed on the page
 VIDEOS_SHOWN = 50  # the finished videos of this many latest batches
-HISTORY_BYTES = 8 << 20  # the Gantt's past: this much of the log's end, read at start
+HISTORY_BYTES = 2 << 20  # the Gantt's past: this much of the log's end, read at its first chart
 KINDS = tuple(kind.value for kind in JobKind)
 
 
