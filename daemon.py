@@ -28,7 +28,6 @@ import structlog
 
 import config
 from instances.agent import InstanceAgent
-from instances.simulator import PROGRESS_NODES, SimConfig, start_simulator
 from instances.workflow import Workflow, load_workflow
 from service.intake import Intake
 from service.lock import StateLock
@@ -220,6 +219,9 @@ def _running(agents: Iterator[InstanceAgent] | Sequence[InstanceAgent]) -> Itera
 def simulated(settings: config.Settings, durations: dict[str, float]) -> Iterator[None]:
     """Simulated ComfyUI servers on the configured (loopback) ports; with
     ARTIFACT_TRANSFER = "path" they share ARTIFACT_DIR as their output directory."""
+    from instances.simulator import PROGRESS_NODES, SimConfig, start_simulator  # aiohttp:
+    # loaded only when a simulator is asked for, not by the production daemon
+
     for i in settings.instances:
         if i.host not in ("127.0.0.1", "localhost", "::1"):
             raise BadConfig(f"--simulate needs loopback hosts; {i.instance_id} is at {i.host}")

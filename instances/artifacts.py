@@ -36,8 +36,6 @@ from statemachine.errors import (
 from statemachine.job import Job
 from statemachine.plan import JobKind
 
-TRANSFERS = ("http", "path")
-
 
 class ArtifactMissing(PermanentDispatchError):
     """A dependency reported no file for an artifact the job reads: no retry can help."""
