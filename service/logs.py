@@ -10,6 +10,7 @@ import logging
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -34,7 +35,7 @@ def setup_logging(log_dir: Path | None, *, verbose: bool = False) -> None:
         root.removeHandler(handler)
         if isinstance(handler, logging.FileHandler):
             handler.close()  # its file, and the thread writing to it
-    root.addHandler(_handler(logging.StreamHandler(sys.stderr),
+    root.addHandler(_handler(_Stderr(),
                              structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())))
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -53,6 +54,20 @@ def _handler(handler: logging.Handler, *processors: object) -> logging.Handler:
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *processors],
     ))
     return handler
+
+
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a line is logged, not to the stream it was
+    when logging was set up (a test capturing stderr, then closing it, left every later
+    line to a closed file)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: Any) -> None:
+        pass
 
 
 class _BatchingFileHandler(logging.FileHandler):

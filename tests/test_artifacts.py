@@ -290,8 +290,9 @@ def test_path_mode_without_a_shared_directory_fails_the_reader_clearly(tmp_path:
     (failed,) = _events(tmp_path, "job_failed")
     assert failed.job_id == "b0001/L1"
     assert failed.error.startswith("finished without writing low_latent (node 11)")
+    said = capsys.readouterr()  # stdout, or stderr once a test set up the daemon's logging
     assert "Invalid latent file: b0001-lost/high_001_00001_.latent [output]" in \
-        capsys.readouterr().out
+        said.out + said.err
 
 
 @pytest.mark.parametrize("failures", [1, agent_module.FETCH_ATTEMPTS])
