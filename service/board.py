@@ -23,7 +23,7 @@ from service.report import Chart, chart
 from statemachine import events as ev
 from statemachine.errors import CorruptLog
 from statemachine.job import BATCH_FINAL, Batch
-from statemachine.plan import JobKind
+from statemachine.plan import JobKind, job_id
 from statemachine.store import Store
 from statemachine.timeline import Timeline, TimelineFold
 
@@ -81,6 +81,13 @@ def grid(batch: Batch) -> dict[str, Any]:
         row = rows.setdefault(job.spec.chunk, {"chunk": job.spec.chunk})
         row[job.kind.value] = {"job_id": job.job_id, "state": job.state.value,
                                "instance_id": job.instance_id, "error": job.error}
+    if batch.summary is not None:  # done: every job succeeded; only the last one's server is kept
+        chunks = batch.summary.jobs // len(JobKind)
+        for k in range(1, chunks + 1):
+            rows[k] = {"chunk": k} | {kind.value: {
+                "job_id": job_id(batch.batch_id, kind, k), "state": "succeeded",
+                "instance_id": batch.final_instance if (kind, k) == (JobKind.COMBINE, chunks)
+                else None, "error": None} for kind in JobKind}
     return {"batch_id": batch.batch_id, "name": batch.plan.name, "state": batch.state.value,
             "reason": batch.reason, "chunks": [rows[k] for k in sorted(rows)]}
 
