@@ -80,10 +80,6 @@ class StateFiles:
         return self.root / "events.jsonl"
 
     @property
-    def snapshot(self) -> Path:
-        return self.root / "snapshot.json"
-
-    @property
     def lock(self) -> Path:
         return self.root / "daemon.lock"
 
