@@ -100,6 +100,14 @@ SWITCH_COST: float | str = "learn"
 # "HOST:PORT" ("[::1]:8787" for IPv6; port 0 picks a free one), "" for none. Anything but
 # a loopback address lets every host that reaches this one see the farm's state.
 WEB_ADDRESS = "127.0.0.1:8787"
+# The event log: every SNAPSHOT_EVERY events (and at a clean stop) the daemon writes a
+# snapshot of its state and starts a new log segment, so a restart replays at most that
+# many events (100,000 take ~0.5 s here; a snapshot pauses the loop for a few ms per
+# thousand batches it holds). LOG_RETENTION: 0 keeps every segment, the whole audit trail
+# (`submit.py report` reads it); n >= 2 keeps the n newest snapshots and the segments after
+# the oldest of them.
+SNAPSHOT_EVERY = 100_000
+LOG_RETENTION = 0
 
 # --- the checked, frozen form -------------------------------------------------------------
 
@@ -170,6 +178,8 @@ class Settings:
     job_durations: Mapping[str, float]
     switch_cost: float | None  # None: learned from the runs
     web_address: str = ""  # "" : no web server; see web_endpoint()
+    snapshot_every: int = 100_000
+    log_retention: int = 0
 
 
 # --- single-value checks: (key, value) -> normalised value, or BadConfig ------------------
@@ -340,6 +350,13 @@ def _web_address(key: str, value: Any) -> str:
     return value.strip()
 
 
+def _retention(key: str, value: Any) -> int:
+    if not _is_int(value) or value < 0 or value == 1:
+        _fail(key, value, "must be 0 (keep every log segment) or a number of snapshots >= 2 "
+                          "(one to fall back on if the newest is damaged)")
+    return value
+
+
 _INSTANCE_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "instance_id": _instance_id, "host": _host, "port": _int_in(1, 65535),
     "job_types": _kinds(empty=False), "max_concurrent": _int_in(1), "enabled": _flag,
@@ -387,7 +404,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "CONNECT_TIMEOUT": _seconds, "WORKFLOWS": _workflows,
     "ARTIFACT_TRANSFER": _choice(*ARTIFACT_TRANSFERS), "ARTIFACT_DIR": _optional_path,
     "JOB_DURATIONS": _job_durations, "SWITCH_COST": _switch_cost,
-    "WEB_ADDRESS": _web_address,
+    "WEB_ADDRESS": _web_address, "SNAPSHOT_EVERY": _int_in(1), "LOG_RETENTION": _retention,
 }
 
 

@@ -106,12 +106,14 @@ class Stop:
 def opened(settings: config.Settings, **loop_options: object) -> Iterator[Loop]:
     """The state directory locked and replayed, agents running, a loop ready to turn."""
     with StateLock(settings.state_dir / "daemon.lock"):
-        event_log = EventLog(settings.state_dir)
+        event_log = EventLog(settings.state_dir, retention=settings.log_retention)
         if event_log.repaired_bytes:
             log.warning("✂️ cut a torn last line off the event log (a crash mid-write)",
                         bytes=event_log.repaired_bytes)
         web = StatusWeb(settings)  # the status page and /metrics (WEB_ADDRESS)
         store = Store.open(web.metered(event_log), policy_of(settings))
+        for problem in event_log.problems:
+            log.warning(f"⚠️ damaged snapshot: {problem}")
         web.watch(store)
         inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         workflows = load_workflows(settings)
@@ -128,6 +130,8 @@ def opened(settings: config.Settings, **loop_options: object) -> Iterator[Loop]:
         try:
             with _running(agents.values()), web.serving(loop):
                 yield loop
+            if loop.log_error is None and store.seq > store.snapshot_seq:
+                loop.snapshot()  # a clean stop: the next start replays nothing
         finally:
             loop.write_status(time.time(), force=True)
             event_log.close()

@@ -31,6 +31,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 from rich.console import Console
 from rich.progress_bar import ProgressBar
 from rich.table import Table
@@ -43,7 +44,7 @@ from spool.reading import read_prompt_file
 from statemachine.admission import admit
 from statemachine.errors import BadConfig, BadInput, ComfyDualError
 from statemachine.job import BATCH_FINAL
-from statemachine.log import fsync_dir
+from statemachine.log import LogFiles, fsync_dir
 from statemachine.plan import safe_name
 from statemachine.store import Store, read_records
 from statemachine.timeline import Timeline, build_timeline
@@ -77,10 +78,6 @@ class StateFiles:
     @property
     def events(self) -> Path:
         return self.root / "events.jsonl"
-
-    @property
-    def snapshot(self) -> Path:
-        return self.root / "snapshot.json"
 
     @property
     def lock(self) -> Path:
@@ -134,34 +131,49 @@ def poll(probe: Callable[[], T | None], timeout: float) -> T | None:
 
 
 class LogReader:
-    """The event log and its snapshot as a read-only ``statemachine.log.Log``.
+    """The event log's directory (snapshots, segments and the live segment) as a
+    read-only ``statemachine.log.Log``, read by the same ``LogFiles`` as the daemon's.
 
-    The log is opened before the snapshot is read: a compaction in between replaces the
-    log by an empty file and writes a newer snapshot, and the open (old) log plus the newer
-    snapshot still replay consistently (lines the snapshot holds are skipped); the other
-    order could miss events. A last line without its newline (a write in progress, or a
-    torn tail the daemon will cut) is left out. Nothing is ever written.
+    The live segment is opened before anything is listed: a snapshot taken meanwhile
+    renames that file into ``segments/``, where it is known by its inode and read once
+    (as the open file), and the newer snapshot and segments still replay consistently. A
+    last line without its newline (a write in progress, or a torn tail the daemon will
+    cut) is left out. Nothing is ever written.
     """
 
     def __init__(self, files: StateFiles) -> None:
-        self._snapshot = files.snapshot
+        self.files = LogFiles(files.root, files.events)
         try:
             self._file = open(files.events, "rb")  # noqa: SIM115 - closed by close()
         except FileNotFoundError:
             self._file = None
 
+    @property
+    def problems(self) -> list[str]:
+        return self.files.problems
+
     def lines(self) -> Iterator[tuple[int, bytes]]:
-        if self._file is None:
-            return
-        for number, line in enumerate(self._file, start=1):
+        return self._whole(self.files.lines(self._live()))
+
+    def history(self) -> Iterator[tuple[int, bytes]]:
+        return self._whole(self.files.history(self._live()))
+
+    def _live(self) -> Any:
+        if self._file is not None:
+            self._file.seek(0)
+        return self._file  # None: there was none; read it if it appeared since
+
+    @staticmethod
+    def _whole(lines: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
+        for number, line in lines:
             if line.endswith(b"\n"):
                 yield number, line
 
+    def locate(self, line_no: int) -> str:
+        return self.files.locate(line_no)
+
     def load_snapshot(self) -> bytes | None:
-        try:
-            return self._snapshot.read_bytes()
-        except FileNotFoundError:
-            return None
+        return self.files.load_snapshot()
 
     def append(self, line: bytes) -> None:
         raise PermissionError("submit.py never writes the event log")
@@ -169,7 +181,7 @@ class LogReader:
     def commit(self) -> None:
         raise PermissionError("submit.py never writes the event log")
 
-    def compact(self, snapshot: bytes) -> None:
+    def compact(self, snapshot: bytes, seq: int) -> None:
         raise PermissionError("submit.py never writes the event log")
 
     def close(self) -> None:
@@ -184,6 +196,8 @@ def replay_view(settings: config.Settings, files: StateFiles) -> dict[str, Any]:
         store = Store.open(log)
     finally:
         log.close()
+    for problem in log.problems:
+        print(f"warning: {problem}", file=sys.stderr)
     return status_view(store, settings.instances, now=time.time(), daemon=None,
                        batches=BatchViews(settings.state_dir / "outputs"))
 
@@ -524,6 +538,15 @@ def read_timeline(files: StateFiles) -> Timeline:
         log.close()
 
 
+def _first_kept_seq(files: StateFiles) -> int:
+    """The seq the log's oldest kept line has (1: the whole history is there)."""
+    log = LogReader(files)
+    try:
+        return next((orjson.loads(line)["seq"] for _, line in log.history()), 1)
+    finally:
+        log.close()
+
+
 def cmd_report(args: argparse.Namespace, settings: config.Settings, files: StateFiles) -> int:
     """Draw the timeline of the batches asked for (all by default) into ``args.output``."""
     fmt = report.output_format(args.output)
@@ -539,9 +562,10 @@ def cmd_report(args: argparse.Namespace, settings: config.Settings, files: State
     print(f"{out}: {report.plural(len(chosen), 'batch')}, "
           f"{report.plural(len(chart.attempts), 'attempt')} on "
           f"{report.plural(len(chart.lanes), 'instance')}, makespan {chart.makespan:.1f} s")
-    if files.snapshot.exists():
-        print("note: the event log was compacted; batches it held before are not shown",
-              file=sys.stderr)
+    if _first_kept_seq(files) > 1:
+        print("note: the event log no longer holds its oldest events (compacted before "
+              "segments, or removed by LOG_RETENTION); the "
+              "batches they held are not shown", file=sys.stderr)
     return 0
 
 

@@ -34,8 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 from instances.sim_worker import read_ledger  # noqa: E402
 from service.status import status_view  # noqa: E402
+from statemachine import events as ev  # noqa: E402
 from statemachine.log import EventLog  # noqa: E402
-from statemachine.store import Store  # noqa: E402
+from statemachine.store import Store, read_records  # noqa: E402
 
 FAILPOINTS = "after_intent:0.15,mid_append:0.03,replay:0.02,dispatch_combine:0.25"
 
@@ -176,11 +177,13 @@ def verify(work: Path, sims: list[SimProcess], kills: int, server_kills: int,
                 excused += 1  # the server restarted and forgot it: documented re-run
             else:
                 duplicates += 1
-    lost = [j for j in store.jobs if j not in successes]
+    jobs = [j.job_id for rec in read_records(store.log)
+            if isinstance(rec.event, ev.BatchAccepted) for j in rec.event.plan.jobs]
+    lost = [j for j in jobs if j not in successes]
     view = status_view(store, [], now=time.time())
     done = sum(1 for b in store.batches.values() if b.state.value == "done")
-    assert view["counts"]["succeeded"] == len(store.jobs) - len(lost)
-    return {"kills": kills, "server_kills": server_kills, "jobs": len(store.jobs),
+    assert view["counts"]["succeeded"] == len(jobs) - len(lost)
+    return {"kills": kills, "server_kills": server_kills, "jobs": len(jobs),
             "duplicates": duplicates, "reruns_after_server_restart": excused,
             "lost": len(lost), "batches_done": done, "batches": len(store.batches),
             "final_exit": final_exit, "executions": len(runs)}

@@ -21,6 +21,7 @@ import gc
 import hashlib
 import itertools
 import json
+import os
 import random
 import shutil
 import statistics
@@ -40,7 +41,7 @@ if str(ROOT) not in sys.path:
 
 from statemachine import events as ev
 from statemachine.job import BATCH_FINAL, Job, JobState
-from statemachine.log import EventLog
+from statemachine.log import EventLog, LogFiles
 from statemachine.plan import BatchPlan, JobKind
 from statemachine.planner import PromptSpec, plan_batch
 from statemachine.rules import cancel_batch, failure_event
@@ -48,7 +49,7 @@ from statemachine.scheduler import InstanceView, schedule
 from statemachine.store import Policy, Store
 
 TARGETS = {"replay_1m_s": 5.0, "mem_100k_mb": 300.0, "decide_10k_ms": 5.0,
-           "decide_10k_64i_ms": 5.0}
+           "decide_10k_64i_ms": 5.0, "restart_1m_history_s": 1.0}
 POLICY = Policy(max_retries=3, retry_delay=5.0)
 POSITIVE = ("A slow dolly shot along an empty beach at sunset, waves rolling in over wet sand, "
             "warm golden light, long shadows, gulls in the distance, cinematic, 35mm film grain, "
@@ -81,18 +82,20 @@ def make_plan(n: int, *, frames: int = 505, priority: int = 0) -> BatchPlan:
 
 
 def server_outputs(job: Job) -> dict[str, Any]:
-    """What ComfyUI's history reports for the job's save nodes (as the simulator does)."""
+    """What ComfyUI's history reports for the job's save nodes (as the simulator does),
+    under the node ids of the default workflows (``workflows/demo``), so that a daemon
+    restarted on the farm's log can prepare the jobs that read these files."""
     folder, name = job.spec.params["output_prefix"].rsplit("/", 1)
 
     def saved(suffix: str) -> list[dict[str, str]]:
         return [{"filename": f"{name}_00001_{suffix}", "subfolder": folder, "type": "output"}]
 
     if job.kind is JobKind.HIGH:
-        return {"58": {"latents": saved(".latent")}}
+        return {"2": {"latents": saved(".latent")}}
     video = {"images": saved(".mp4"), "animated": [True]}
     if job.kind is JobKind.LOW:
-        return {"61": video, "62": {"images": saved(".png")}}
-    return {"70": video}
+        return {"5": {"images": saved(".png")}, "7": video, "11": {"latents": saved(".latent")}}
+    return {"7": video}
 
 
 class Farm:
@@ -136,6 +139,7 @@ class Farm:
         self.open = [b for b in self.open if self.store.batches[b].state not in BATCH_FINAL]
         self.accept(window - len(self.open))
         self._health()
+        self._withdrawals()
         self._cancellations()
         self._server_news()
         self._withdrawals()
@@ -165,6 +169,14 @@ class Farm:
         self.down[iid] = self.now + 300.0
         for job in [j for j in self.store.in_flight.values() if j.instance_id == iid]:
             self.record(ev.JobLost(job.job_id, job.prompt_id, "instance is down"))
+
+    def _withdrawals(self) -> None:
+        """The daemon's part for prompts it gave up on (lost, cancelled): an UP server is
+        asked to drop them and takes new work once it has (without this, each outage
+        or cancellation shut a server out for good and the farm ran dry)."""
+        for iid, prompts in list(self.store.abandoned.items()):
+            if iid not in self.down:
+                self.record(ev.PromptsWithdrawn(iid, tuple(sorted(prompts))))
 
     def _cancellations(self) -> None:
         if self.open and self.rng.random() < self.rates[2]:
@@ -245,7 +257,8 @@ def build_log(directory: Path, *, until: Callable[[Farm], bool], window: int = 2
     farm.commit()
     seconds = time.perf_counter() - start
     log.close()
-    return Built(store.seq, len(store.jobs), seconds, farm.fsyncs)
+    return Built(store.seq, sum(b.job_count for b in store.batches.values()), seconds,
+                 farm.fsyncs)
 
 
 # --- 1. replay and 2. memory, each in a fresh interpreter, as a restarted daemon ---------
@@ -283,17 +296,102 @@ def mem_child(directory: Path) -> dict[str, Any]:
     for job in store.jobs.values():
         states[job.state.value] = states.get(job.state.value, 0) + 1
     return {"mb": after - before, "peak_mb": peak_after - peak_before,
-            "jobs": len(store.jobs), "states": states}
+            "jobs": sum(b.job_count for b in store.batches.values()),
+            "jobs_held": len(store.jobs), "states": states}
+
+
+class StubAgent:
+    """An instance agent that contacts nobody: it notes when the first POST is handed to
+    it, which is the moment the restarted daemon's first dispatch leaves its loop."""
+
+    first_post: float | None = None
+
+    def __init__(self, instance_id: str) -> None:
+        self.instance_id = instance_id
+
+    def submit(self, *args: Any, **kwargs: Any) -> None:
+        if StubAgent.first_post is None:
+            StubAgent.first_post = time.time()
+
+    def check(self, job_id: str, prompt_id: str) -> None:
+        pass
+
+    def follow(self, job_id: str, prompt_id: str) -> None:
+        pass
+
+    def withdraw(self, prompt_ids: Any) -> None:
+        pass
+
+    def download(self, file: Any) -> bytes:
+        return b""
+
+    def fetch_outputs(self, batch_id: str, files: Any, outputs_dir: Path) -> None:
+        pass
+
+
+def restart_settings(directory: Path) -> Any:
+    """The farm's instances as the daemon's settings, plus ``spare``: an idle server that
+    takes any kind, and room for a second COMBINE, so the first decision after the
+    restart has a job to dispatch (the farm runs behind its one COMBINE line: what is
+    ready is COMBINE jobs)."""
+    import config  # the daemon's modules: imported in the child's timed span
+
+    farm = [*FARM, Instance("spare", ("HIGH", "LOW", "COMBINE"))]
+    return config.load_settings(None, {
+        "STATE_DIR": str(directory), "WEB_ADDRESS": "", "MAX_RETRIES": 3, "RETRY_DELAY": 5,
+        "COMBINE_CONCURRENCY": 2,
+        "COMFYUI_INSTANCES": [{"instance_id": i.instance_id, "host": "127.0.0.1",
+                               "port": 9000 + n, "job_types": list(i.job_types),
+                               "max_concurrent": i.max_concurrent}
+                              for n, i in enumerate(farm)]})
+
+
+def restart_child(directory: Path) -> dict[str, Any]:
+    """What ``daemon.opened`` does (the event log opened, the store replayed from the
+    snapshot and the tail, the loop built), then the servers report UP and the loop
+    turns until its first dispatch is handed to an agent. The parent times it from the
+    moment it started this interpreter; the phases are printed too."""
+    began = time.time()
+    import daemon
+    from instances.agent import Health
+    from service.loop import Loop
+
+    imported = time.time()
+    settings = restart_settings(directory)
+    event_log = EventLog(settings.state_dir, retention=settings.log_retention)
+    store = Store.open(event_log, daemon.policy_of(settings))
+    opened = time.time()
+    agents = {i.instance_id: StubAgent(i.instance_id) for i in settings.instances}
+    loop = Loop(settings, store, agents, daemon.load_workflows(settings))
+    for instance_id in agents:
+        loop.post(Health(instance_id, True, "stub"))
+    for _ in range(1000):
+        if StubAgent.first_post is not None:
+            break
+        loop.run_once(timeout=0.0)
+    else:
+        raise SystemExit("the restarted loop dispatched nothing in 1,000 turns")
+    event_log.close()
+    return {"first_post": StubAgent.first_post, "began": began,
+            "import_s": imported - began, "open_s": opened - imported,
+            "snapshot_seq": store.snapshot_seq, "seq": store.seq}
 
 
 CHILDREN: dict[str, Callable[[Path], dict[str, Any]]] = {"replay": replay_child,
-                                                         "mem": mem_child}
+                                                         "mem": mem_child,
+                                                         "restart": restart_child}
 
 
 def in_children(what: str, directory: Path, runs: int = 3) -> list[dict[str, Any]]:
+    return [in_child(what, directory) for _ in range(runs)]
+
+
+def in_child(what: str, directory: Path) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", what, str(directory)]
-    return [json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-            for _ in range(runs)]
+    spawned = time.time()
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    out = json.loads(done.stdout.splitlines()[-1])  # after what the daemon's loop logged
+    return out | {"spawned": spawned}
 
 
 def measure_replay(directory: Path) -> dict[str, Any]:
@@ -307,10 +405,65 @@ def measure_memory(directory: Path) -> dict[str, Any]:
     runs = in_children("mem", directory)
     return {"mem_100k_mb": statistics.median(r["mb"] for r in runs),
             "mem_100k_peak_mb": statistics.median(r["peak_mb"] for r in runs),
-            "mem_100k_jobs": runs[0]["jobs"], "mem_100k_states": runs[0]["states"]}
+            "mem_100k_jobs": runs[0]["jobs"], "mem_100k_jobs_held": runs[0]["jobs_held"],
+            "mem_100k_states": runs[0]["states"]}
 
 
-# --- 3. one scheduling decision over 10,000 ready jobs -----------------------------------
+# --- 3. restart with a long history behind the last snapshot ----------------------------
+
+
+def snapshot_and_tail(directory: Path, tail_turns: int) -> dict[str, Any]:
+    """Open the 1M-event log, take a snapshot (as the daemon does every SNAPSHOT_EVERY
+    events) and run ``tail_turns`` more turns after it: the history lies behind the
+    snapshot, in a closed segment, and the live segment holds a small tail."""
+    log = EventLog(directory)
+    store = Store.open(log, POLICY)
+    history = store.seq
+    began = time.perf_counter()
+    store.compact()
+    compact_s = time.perf_counter() - began
+    farm = Farm(store, seed=2)  # the same farm going on: its clock, batches and numbers
+    farm.now = max(max(b.accepted_at, b.ended_at or 0.0) for b in store.batches.values())
+    farm.open = [b.batch_id for b in store.open_batches()]
+    farm.accepted = len(store.batches)
+    for _ in range(tail_turns):
+        farm.turn(window=24)
+    farm.commit()
+    log.close()
+    [(_, snapshot)] = LogFiles(directory, directory / "events.jsonl").snapshots()
+    return {"restart_history_events": history, "restart_tail_events": store.seq - history,
+            "snapshot_1m_mb": snapshot.stat().st_size / 2**20, "snapshot_write_s": compact_s,
+            "restart_open_batches": sum(1 for _ in store.open_batches()),
+            "restart_store_jobs": len(store.jobs)}
+
+
+def fresh_copy(source: Path, target: Path) -> Path:
+    """Each restart writes to its log (it records what it decides): each starts from an
+    identical copy (closed segments hard-linked, the rest copied)."""
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target, copy_function=os.link,
+                    ignore=lambda d, names: [n for n in names if n != "segments"]
+                    if Path(d) == source else [])
+    for name in ("events.jsonl", "snapshots"):
+        src = source / name
+        if src.is_dir():
+            shutil.copytree(src, target / name)
+        else:
+            shutil.copy(src, target / name)
+    return target
+
+
+def measure_restart(directory: Path, runs: int = 3) -> dict[str, Any]:
+    results = [in_child("restart", fresh_copy(directory, directory.with_name("restart-run")))
+               for _ in range(runs)]
+    return {"restart_1m_history_s": statistics.median(r["first_post"] - r["spawned"]
+                                                      for r in results),
+            "restart_runs_s": [round(r["first_post"] - r["spawned"], 3) for r in results],
+            "restart_import_s": statistics.median(r["import_s"] for r in results),
+            "restart_store_open_s": statistics.median(r["open_s"] for r in results)}
+
+
+# --- 4. one scheduling decision over 10,000 ready jobs -----------------------------------
 
 
 DECIDE_FARM = (Instance("h1", ("HIGH",)), Instance("h2", ("HIGH",)), Instance("h3", ("HIGH",)),
@@ -419,7 +572,11 @@ def run(replay_events: int, mem_jobs: int, say: Callable[[str], None]) -> dict[s
                    "log_mb": (base / "replay" / "events.jsonl").stat().st_size / 2**20}
         say("replaying it 3 times ...")
         result |= measure_replay(base / "replay")
+        say("taking a snapshot behind it, a short tail after it, and restarting 3 times ...")
+        result |= snapshot_and_tail(base / "replay", tail_turns=20)
+        result |= measure_restart(base / "replay")
         shutil.rmtree(base / "replay")
+        shutil.rmtree(base / "restart-run", ignore_errors=True)
         say(f"building a store of {mem_jobs:,} jobs in mixed states ...")
         batches = -(-mem_jobs // 15)
         build_log(base / "mem", until=lambda f: f.accepted >= batches // 2,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +23,8 @@ from service.report import Chart, chart
 from statemachine import events as ev
 from statemachine.errors import CorruptLog
 from statemachine.job import BATCH_FINAL, Batch
-from statemachine.plan import JobKind
+from statemachine.log import LogFiles
+from statemachine.plan import JobKind, job_id
 from statemachine.store import Store
 from statemachine.timeline import Timeline, TimelineFold
 
@@ -81,6 +82,13 @@ def grid(batch: Batch) -> dict[str, Any]:
         row = rows.setdefault(job.spec.chunk, {"chunk": job.spec.chunk})
         row[job.kind.value] = {"job_id": job.job_id, "state": job.state.value,
                                "instance_id": job.instance_id, "error": job.error}
+    if batch.summary is not None:  # done: every job succeeded; only the last one's server is kept
+        chunks = batch.summary.jobs // len(JobKind)
+        for k in range(1, chunks + 1):
+            rows[k] = {"chunk": k} | {kind.value: {
+                "job_id": job_id(batch.batch_id, kind, k), "state": "succeeded",
+                "instance_id": batch.final_instance if (kind, k) == (JobKind.COMBINE, chunks)
+                else None, "error": None} for kind in JobKind}
     return {"batch_id": batch.batch_id, "name": batch.plan.name, "state": batch.state.value,
             "reason": batch.reason, "chunks": [rows[k] for k in sorted(rows)]}
 
@@ -154,7 +162,8 @@ class Gantt:
         held, self._since_start = self._since_start or [], None
         seen = held[0].seq if held else None
         try:
-            for rec in tail_records(self._history, HISTORY_BYTES) if self._history else ():
+            past = history_files(self._history) if self._history else []
+            for rec in tail_records(past, HISTORY_BYTES):
                 if seen is not None and rec.seq >= seen:
                     break
                 self.fold.add(rec)
@@ -256,14 +265,28 @@ def videos(batches: Iterable[Mapping[str, Any]], outputs_dir: Path) -> list[dict
     return found[::-1]
 
 
-def tail_records(path: Path, limit: int) -> Iterator[ev.Recorded]:
-    """The records of the last ``limit`` bytes of a log file: from the first whole line
-    there, to its last line that ends in a newline."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > limit:
-            f.seek(size - limit - 1)
-            f.readline()  # the end of a line begun before the tail
-        for line in f:
-            if line.endswith(b"\n"):
-                yield ev.decode(line)
+def tail_records(paths: Sequence[Path], limit: int) -> Iterator[ev.Recorded]:
+    """The records of the last ``limit`` bytes of a log kept in ``paths`` (its segments,
+    oldest first, then the live one): from the first whole line there, to the last line
+    that ends in a newline."""
+    parts: list[tuple[Path, int]] = []
+    for path in reversed(paths):
+        size = path.stat().st_size
+        parts.append((path, max(0, size - limit)))
+        limit -= size
+        if limit <= 0:
+            break
+    for path, start in reversed(parts):
+        with open(path, "rb") as f:
+            if start > 0:
+                f.seek(start - 1)
+                f.readline()  # the end of a line begun before the tail
+            for line in f:
+                if line.endswith(b"\n"):
+                    yield ev.decode(line)
+
+
+def history_files(live: Path) -> list[Path]:
+    """The event log's closed segments, oldest first, then its live segment: after a
+    snapshot (each clean stop takes one) the recent past is in the last segment."""
+    return [path for _, path in LogFiles(live.parent, live).segments()] + [live]

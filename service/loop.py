@@ -175,6 +175,7 @@ class Loop:
         self.on_status: list[Callable[[Mapping[str, Any], float], None]] = []  # the web page
         self.log_error: str | None = None  # why the event log cannot be written, if so
         self._status_error: str | None = None  # why status.json could not be written
+        self._next_snapshot = store.snapshot_seq + settings.snapshot_every
         self._settle_and_forget_gone_instances()
         self.unfetched = self._unfetched_videos()
         store.listeners.append(self._narrate)
@@ -220,6 +221,25 @@ class Loop:
         _hand_over(self._taken)
         self._taken.clear()
         self.write_status(now)
+        if self.store.seq >= self._next_snapshot:
+            self.snapshot()
+
+    def snapshot(self) -> None:
+        """Write a snapshot and start a new log segment (between turns, never inside a
+        group commit). A disk that refuses it is reported and the snapshot tried again
+        after a tenth of SNAPSHOT_EVERY more events: the log itself still holds it all."""
+        every = self.settings.snapshot_every
+        began = time.perf_counter()
+        try:
+            self.store.compact()
+        except (LogWriteError, OSError) as exc:
+            log.warning("⚠️ cannot write a snapshot of the event log; a restart replays "
+                        "more until one is written", error=str(exc))
+            self._next_snapshot = self.store.seq + max(1, every // 10)
+            return
+        self._next_snapshot = self.store.seq + every
+        log.info("📸 snapshot written, new event-log segment", seq=self.store.seq,
+                 ms=round((time.perf_counter() - began) * 1000, 1))
 
     def defer(self, effect: Callable[[], object]) -> None:
         """Run ``effect`` after this turn's commit (a file move, a reply, a POST)."""
@@ -706,17 +726,15 @@ class Loop:
         the instance that has them: fetched once it is heard up."""
         missing: dict[str, list[Batch]] = {}
         for batch in self.store.batches.values():
-            last = batch.jobs[-1]
-            files = final_files(last.outputs) if batch.state is BatchState.DONE else []
+            files = final_files(batch.final_outputs) if batch.state is BatchState.DONE else []
             if any(not local_path(self.outputs_dir, batch.batch_id, f).exists() for f in files):
-                missing.setdefault(str(last.instance_id), []).append(batch)
+                missing.setdefault(str(batch.final_instance), []).append(batch)
         return missing
 
     def _fetch_final(self, batch: Batch) -> None:
         """Bring the finished video home, into STATE_DIR/outputs/<batch>/ (agent thread)."""
-        last = batch.jobs[-1]
-        files = final_files(last.outputs)
-        agent = self.agents.get(str(last.instance_id))
+        files = final_files(batch.final_outputs)
+        agent = self.agents.get(str(batch.final_instance))
         if files and agent is not None:
             self.defer(partial(agent.fetch_outputs, batch.batch_id, files, self.outputs_dir))
 

@@ -36,7 +36,7 @@ from prometheus_client.registry import Collector
 from statemachine import events as ev
 from statemachine.job import Batch, BatchState, Job, JobState
 from statemachine.log import Log
-from statemachine.plan import JobKind
+from statemachine.plan import JobKind, job_id
 from statemachine.store import Store
 
 RUN_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
@@ -75,8 +75,7 @@ def snapshot_seq(snapshot: bytes | None) -> int:
 
 def events_since_last_snapshot(store: Store, last_snapshot_seq: int) -> int:
     """Events recorded after the last snapshot: what a restart must replay line by line.
-    Today the daemon takes no snapshot by itself, so this is ``store.seq`` unless a
-    snapshot was loaded or written (``MeteredLog.snapshot_seq``)."""
+    The daemon takes one every SNAPSHOT_EVERY events (``MeteredLog.snapshot_seq``)."""
     return store.seq - last_snapshot_seq
 
 
@@ -94,6 +93,12 @@ class MeteredLog:
     def lines(self) -> Iterator[tuple[int, bytes]]:
         return self._log.lines()
 
+    def history(self) -> Iterator[tuple[int, bytes]]:
+        return self._log.history()
+
+    def locate(self, line_no: int) -> str:
+        return self._log.locate(line_no)
+
     def append(self, line: bytes) -> None:
         self._pending += 1
         self._log.append(line)
@@ -107,10 +112,10 @@ class MeteredLog:
         self._metrics.durable(self._pending, time.perf_counter() - began)
         self._pending = 0
 
-    def compact(self, snapshot: bytes) -> None:
+    def compact(self, snapshot: bytes, seq: int) -> None:
         self.commit()
-        self._log.compact(snapshot)
-        self.snapshot_seq = snapshot_seq(snapshot)
+        self._log.compact(snapshot, seq)
+        self.snapshot_seq = seq
 
     def load_snapshot(self) -> bytes | None:
         snapshot = self._log.load_snapshot()
@@ -153,6 +158,18 @@ class _Tallies:
                 self.jobs[before] -= 1
             self.jobs[now] += 1
             self.job_state[job.job_id] = now
+
+    def done(self, batch: Batch) -> None:
+        """A done batch as the store keeps it (no jobs): each chunk's jobs succeeded."""
+        chunks = batch.job_count // len(JobKind)
+        for kind in JobKind:
+            self.jobs[(kind, JobState.SUCCEEDED)] += chunks
+
+    def forget_jobs(self, batch: Batch) -> None:
+        """The store dropped a done batch's jobs: keep counting them, stop tracking them."""
+        for k in range(1, batch.job_count // len(JobKind) + 1):
+            for kind in JobKind:
+                self.job_state.pop(job_id(batch.batch_id, kind, k), None)
 
     def batch(self, batch: Batch) -> None:
         before = self.batch_state.get(batch.batch_id)
@@ -215,6 +232,8 @@ class Metrics:
             self._tallies.batch(batch)
             for job in batch.jobs:
                 self._tallies.job(job)
+            if batch.summary is not None:
+                self._tallies.done(batch)
         self._started = {j: at for j, (at, _) in store.estimates.started.items()}
         store.listeners.append(self.on_event)
 
@@ -232,6 +251,8 @@ class Metrics:
             if isinstance(e, ev.BatchAccepted):
                 for job in subject.jobs:
                     self._tallies.job(job)
+            elif isinstance(e, ev.BatchDone):
+                self._tallies.forget_jobs(subject)
 
     def _job_event(self, e: ev.Event, job: Job, ts: float) -> None:
         kind = job.kind.value

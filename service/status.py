@@ -65,18 +65,19 @@ def status_view(store: Store, instances: Sequence[Any], *, now: float,
 
 def _batch(batch: Any, outputs_dir: Path | None) -> dict[str, Any]:
     plan = batch.plan
-    last = batch.jobs[-1]  # the last COMBINE: the whole video
+    final = batch.final_outputs  # the last COMBINE's: the whole video
+    done = batch.job_count if batch.summary is not None else sum(
+        1 for j in batch.jobs if j.state is JobState.SUCCEEDED)
     return {
         "batch_id": batch.batch_id, "name": plan.name, "source": plan.source,
         "state": batch.state.value, "reason": batch.reason,
-        "done": sum(1 for j in batch.jobs if j.state is JobState.SUCCEEDED),
-        "total": len(batch.jobs), "accepted_at": batch.accepted_at,
+        "done": done, "total": batch.job_count, "accepted_at": batch.accepted_at,
         "ended_at": batch.ended_at, "priority": plan.priority,
         "failed_jobs": [{"job_id": j.job_id, "error": j.error} for j in batch.jobs
                         if j.state is JobState.FAILED],
-        "final_outputs": last.outputs,
+        "final_outputs": final,
         "saved_outputs": [str(local_path(outputs_dir, batch.batch_id, f))
-                          for f in final_files(last.outputs)] if outputs_dir else [],
+                          for f in final_files(final)] if outputs_dir else [],
     }
 
 

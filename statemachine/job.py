@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from enum import Enum, StrEnum
 from typing import Any
 
@@ -92,8 +93,26 @@ class Job:
         return f"<Job {self.job_id} {self.state.value}>"
 
 
+@dataclass(frozen=True, slots=True)
+class DoneSummary:
+    """What is kept of a batch once it is done: done is final (only failed and cancelled
+    batches run again), so its jobs are dropped and these stand for them."""
+
+    jobs: int  # how many jobs it had, every one succeeded
+    final_outputs: dict[str, Any] | None  # what the last COMBINE wrote: the whole video
+    final_instance: str | None  # the server that wrote it
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"jobs": self.jobs, "final_outputs": self.final_outputs,
+                "final_instance": self.final_instance}
+
+
 class Batch:
-    """One video's live state: its plan, its jobs and counters the rules need often."""
+    """One video's live state: its plan, its jobs and counters the rules need often.
+
+    A done batch keeps no jobs: ``summary`` stands for them and its plan is laid out no
+    more (``plan.jobs`` is empty), so a long history costs neither memory nor restart
+    time."""
 
     __slots__ = (
         "accepted_at",
@@ -105,6 +124,7 @@ class Batch:
         "reason",
         "renders_left",
         "state",
+        "summary",
     )
 
     def __init__(self, plan: BatchPlan, accepted_at: float, number: int = 0) -> None:
@@ -117,10 +137,36 @@ class Batch:
         self.jobs: list[Job] = []
         self.renders_left = sum(1 for j in plan.jobs if j.kind.renders)
         self.combines_left = len(plan.jobs) - self.renders_left
+        self.summary: DoneSummary | None = None
 
     @property
     def batch_id(self) -> str:
         return self.plan.batch_id
+
+    @property
+    def job_count(self) -> int:
+        return self.summary.jobs if self.summary is not None else len(self.jobs)
+
+    @property
+    def final_outputs(self) -> dict[str, Any] | None:
+        """What the last COMBINE job wrote (the whole video), if it ran."""
+        if self.summary is not None:
+            return self.summary.final_outputs
+        return self.jobs[-1].outputs if self.jobs else None
+
+    @property
+    def final_instance(self) -> str | None:
+        if self.summary is not None:
+            return self.summary.final_instance
+        return self.jobs[-1].instance_id if self.jobs else None
+
+    def summarise(self) -> list[Job]:
+        """Keep a done batch as its summary; returns the jobs it dropped."""
+        jobs, last = self.jobs, self.jobs[-1]
+        self.summary = DoneSummary(len(jobs), last.outputs, last.instance_id)
+        self.jobs = []
+        self.plan = replace(self.plan, jobs=())
+        return jobs
 
     def __repr__(self) -> str:
         return f"<Batch {self.batch_id} {self.state.value}>"

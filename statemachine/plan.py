@@ -93,6 +93,13 @@ class BatchPlan:
         return d
 
     @classmethod
+    def inputs_only(cls, d: dict[str, Any]) -> BatchPlan:
+        """The plan of ``d`` without its jobs laid out (a done batch needs none)."""
+        file_id = d["file_id"]
+        return cls(**{key: d[key] for key in _SCALARS}, params=d["params"], jobs=(),
+                   file_id=None if file_id is None else tuple(file_id))
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BatchPlan:
         file_id = d["file_id"]
         return cls.make(**{key: d[key] for key in _SCALARS}, params=d["params"],

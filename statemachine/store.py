@@ -31,6 +31,7 @@ from statemachine.job import (
     JOB_MOVES,
     Batch,
     BatchState,
+    DoneSummary,
     Job,
     JobState,
     fire,
@@ -41,7 +42,7 @@ from statemachine.plan import BatchPlan, JobKind, upcast_v1
 from statemachine.rules import follow_ups
 from statemachine.scheduler import InstanceView, fifo_of, line_of
 
-SNAPSHOT_VERSION = 2  # 2: plans in the form of event schema 2
+SNAPSHOT_VERSION = 3  # 2: plans in the form of event schema 2; 3: done batches summarised
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +87,7 @@ class Store:
         self.state_counts: Counter[JobState] = Counter()  # jobs in each state
         self.estimates = Estimates(self.policy.job_durations, self.policy.switch_cost)
         self.listeners: list[Listener] = []
+        self.snapshot_seq = 0  # of the snapshot it opened from or last wrote (0: none)
 
     # --- recording -------------------------------------------------------------------
 
@@ -212,7 +214,15 @@ class Store:
         batch.reason = getattr(event, "reason", None)  # why it is in its state, if it says
         batch.ended_at = ts if batch.state in BATCH_FINAL else None
         self._index_combining(batch)
+        if batch.state is BatchState.DONE:
+            self._summarise(batch)
         return batch
+
+    def _summarise(self, batch: Batch) -> None:
+        """A done batch is final: its jobs go, a summary stays (``Batch.summarise``). They
+        still count as succeeded in ``state_counts``, as a user would count them."""
+        for job in batch.summarise():
+            del self.jobs[job.job_id]
 
     def _index_combining(self, batch: Batch) -> None:
         if batch.state is BatchState.COMBINING:
@@ -295,6 +305,7 @@ class Store:
             snapshot = log.load_snapshot()
             if snapshot is not None:
                 store._restore(orjson.loads(snapshot))
+                store.snapshot_seq = store.seq
             store._replay(log.lines())
         store._line_up()
         return store
@@ -320,11 +331,13 @@ class Store:
                     raise CorruptLog(f"sequence jumps from {self.seq} to {seq}")
                 self._apply(seq, ts, event, None)
         except (CorruptLog, IllegalTransition) as exc:
-            raise CorruptLog(f"event log line {line_no}: {exc}") from None
+            raise CorruptLog(f"{self.log.locate(line_no)}: {exc}") from None
 
     def compact(self) -> None:
-        """Replace the log by a snapshot of the current state (commits first)."""
-        self.log.compact(orjson.dumps(self.snapshot()))
+        """Make a snapshot of the current state durable and start a new log segment
+        (commits first): a restart replays only what follows."""
+        self.log.compact(orjson.dumps(self.snapshot()), self.seq)
+        self.snapshot_seq = self.seq
 
     def snapshot(self) -> dict[str, Any]:
         """The whole state as plain data; equal snapshots mean equal stores."""
@@ -339,10 +352,13 @@ class Store:
 
     def _restore(self, snap: dict[str, Any]) -> None:
         version = snap.get("version")
-        if version not in (1, SNAPSHOT_VERSION):
+        if version not in (1, 2, SNAPSHOT_VERSION):
             raise CorruptLog(f"snapshot version {version!r} is not supported")
         for b in snap["batches"]:
-            plan = b["plan"] if version == SNAPSHOT_VERSION else upcast_v1(b["plan"])
+            plan = upcast_v1(b["plan"]) if version == 1 else b["plan"]
+            if "summary" in b:
+                self._restore_summary(b, plan)
+                continue
             batch = self._accept(b["accepted_at"],
                                  ev.BatchAccepted(BatchPlan.from_dict(plan)), None)
             batch.state, batch.reason = BatchState(b["state"]), b["reason"]
@@ -351,6 +367,8 @@ class Store:
             for job, saved in zip(batch.jobs, b["jobs"], strict=True):
                 _restore_job(job, saved)
                 self._reindex(job, JobState.WAITING, job.ready_seq)
+            if batch.state is BatchState.DONE:  # an older snapshot listed its jobs
+                self._summarise(batch)
         self.ready = dict(sorted(self.ready.items(), key=lambda kv: kv[1].ready_seq))
         self._line_up()
         self.instance_up = dict(snap["instance_up"])
@@ -358,6 +376,16 @@ class Store:
         if "estimates" in snap:  # snapshots written before estimates were kept have none
             self.estimates.restore(snap["estimates"])
         self.seq = snap["seq"]
+
+    def _restore_summary(self, saved: dict[str, Any], plan: dict[str, Any]) -> None:
+        """A done batch from its summary: no jobs laid out, none made."""
+        batch = Batch(BatchPlan.inputs_only(plan), saved["accepted_at"])
+        batch.state, batch.reason = BatchState(saved["state"]), saved["reason"]
+        batch.ended_at = saved["ended_at"]
+        batch.summary = DoneSummary(**saved["summary"])
+        self.batches[batch.batch_id] = batch
+        self.by_sha256[batch.plan.sha256] = batch.batch_id
+        self.state_counts[JobState.SUCCEEDED] += batch.summary.jobs
 
 
 @contextmanager
@@ -453,12 +481,15 @@ _JOB_SAVED = ("eligible_at", "ready_seq", "attempts", "instance_id", "prompt_id"
 
 
 def _batch_state(batch: Batch) -> dict[str, Any]:
-    return {
+    """A batch as plain data: with its jobs, or a done one with its summary instead."""
+    state = {
         "plan": batch.plan.to_dict(), "state": batch.state.value, "reason": batch.reason,
         "accepted_at": batch.accepted_at, "ended_at": batch.ended_at,
-        "jobs": [{"state": j.state.value, **{k: getattr(j, k) for k in _JOB_SAVED}}
-                 for j in batch.jobs],
     }
+    if batch.summary is not None:
+        return state | {"summary": batch.summary.to_dict()}
+    return state | {"jobs": [{"state": j.state.value, **{k: getattr(j, k) for k in _JOB_SAVED}}
+                             for j in batch.jobs]}
 
 
 def _restore_job(job: Job, saved: dict[str, Any]) -> None:
@@ -468,9 +499,10 @@ def _restore_job(job: Job, saved: dict[str, Any]) -> None:
 
 
 def read_records(log: Log) -> Iterator[ev.Recorded]:
-    """The committed events after the snapshot, decoded (for reports and timelines)."""
-    for line_no, line in log.lines():
+    """Every committed event the log keeps, decoded (for reports and timelines): with
+    every segment kept (``LOG_RETENTION = 0``), the whole history."""
+    for line_no, line in log.history():
         try:
             yield ev.decode(line)
         except CorruptLog as exc:
-            raise CorruptLog(f"event log line {line_no}: {exc}") from None
+            raise CorruptLog(f"{log.locate(line_no)}: {exc}") from None

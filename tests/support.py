@@ -7,9 +7,11 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from statemachine import events as ev
+from statemachine.log import LogFiles
 from statemachine.plan import BatchPlan, JobKind
 from statemachine.planner import PromptSpec, plan_batch
 from statemachine.scheduler import fifo_of, line_of
@@ -53,6 +55,23 @@ def make_plan(batch_id: str, frames: int = 303, chunk: int = 101, priority: int 
     sha = hashlib.sha256(f"{batch_id}:{frames}".encode()).hexdigest()
     return plan_batch(spec, batch_id=batch_id, sha256=sha, source=f"{batch_id}.txt",
                       frames_per_chunk=chunk, width=832, height=480)
+
+
+def log_lines(state_dir: Path) -> list[bytes]:
+    """Every line the event log in ``state_dir`` keeps: its closed segments (a snapshot
+    closes one, at each clean stop too), then the live ``events.jsonl``."""
+    files = LogFiles(state_dir, state_dir / "events.jsonl")
+    return [line for _, line in files.history() if line.endswith(b"\n")]
+
+
+def planned_jobs(state_dir: Path, batch_id: str) -> list[str]:
+    """The job ids the log's ``batch_accepted`` of ``batch_id`` lays out."""
+    for line in log_lines(state_dir):
+        if b'"batch_accepted"' in line:
+            plan = ev.decode(line).event.plan
+            if plan.batch_id == batch_id:
+                return [job.job_id for job in plan.jobs]
+    raise KeyError(batch_id)
 
 
 def dispatch(store, job_id: str, instance_id: str, now: float) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import structlog
 from structlog.testing import capture_logs
+from support import log_lines
 
 import config
 import daemon
@@ -191,8 +192,8 @@ def test_an_invalid_workflow_fails_its_batch_and_the_others_go_on(tmp_path, sims
     assert "huge" in result.summary and "failed" in result.summary
     states = {b.batch_id: b.state for b in _spans(tmp_path / "state")}
     assert sorted(states.values()) == ["done", "failed"]
-    lines = (tmp_path / "state/events.jsonl").read_text().splitlines()
-    failed = [json.loads(line) for line in lines if '"job_failed"' in line]
+    lines = log_lines(tmp_path / "state")
+    failed = [json.loads(line) for line in lines if b'"job_failed"' in line]
     assert len(failed) == 1 and "batch_size" in failed[0]["error"]
     assert "value_bigger_than_max" in failed[0]["error"]
 
@@ -214,3 +215,21 @@ def test_execution_errors_are_retried_with_backoff_then_fail(tmp_path, sims):
 
 def _spans(state: Path):
     return build_timeline(read_records(EventLog(state))).batches.values()
+
+
+def test_snapshots_every_few_events_and_at_the_stop_keep_the_whole_history(tmp_path, sims):
+    high, low = sims
+    state = tmp_path / "state"
+    settings = settings_for(state, high.port, low.port, SNAPSHOT_EVERY=10)
+    files = [prompt_file(tmp_path, "one", 202), prompt_file(tmp_path, "two", 101)]
+    result = run(settings, files)
+    assert result.all_done
+    snapshots = sorted((state / "snapshots").iterdir())
+    segments = sorted((state / "segments").iterdir())
+    assert len(snapshots) == 2 and len(segments) >= 3  # the two newest; every segment
+    assert (state / "events.jsonl").read_bytes() == b""  # a clean stop: nothing to replay
+    seqs = [json.loads(line)["seq"] for line in log_lines(state)]
+    assert seqs == list(range(1, len(seqs) + 1))
+    again = run(settings, files)  # the same files: the batches it finished, from the snapshot
+    assert again.all_done and again.batch_ids == result.batch_ids
+    assert sum(len(s.executions()) for s in sims) == 9  # nothing rendered twice

@@ -8,7 +8,7 @@ import os
 import socket
 from pathlib import Path
 
-from support import wait_for
+from support import log_lines, wait_for
 from test_service import Service, prompt, service  # noqa: F401 - the fixture
 
 from statemachine.admission import MAX_EVENT_BYTES
@@ -76,7 +76,7 @@ def test_a_stream_of_hostile_files_is_rejected_and_a_good_one_renders(
     svc.terminate()
     log = (svc.state / "logs" / "comfy-dual.jsonl").read_text()
     assert "Traceback" not in log and "Traceback" not in svc.proc.stderr.read()
-    events = (svc.state / "events.jsonl").read_bytes().splitlines()
+    events = log_lines(svc.state)
     assert max(len(line) for line in events) < MAX_EVENT_BYTES
     assert sum(b'"batch_accepted"' in line for line in events) == 1
 

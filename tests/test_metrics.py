@@ -136,7 +136,7 @@ def test_the_gantt_starts_from_the_tail_of_the_log(tmp_path: Path) -> None:
     lines = (tmp_path / "events.jsonl").read_bytes().splitlines(keepends=True)
     third = next(i for i, line in enumerate(lines) if b'"b0003"' in line)
     tail = sum(len(line) for line in lines[third:])
-    records = list(tail_records(tmp_path / "events.jsonl", tail + 5))  # a cut line first
+    records = list(tail_records([tmp_path / "events.jsonl"], tail + 5))  # a cut line first
     assert records[0].seq == third + 1
     fold = TimelineFold()
     for rec in records:
@@ -160,3 +160,21 @@ def test_the_gantt_reads_its_history_at_its_first_chart_and_keeps_the_order(tmp_
     assert gantt.chart(now=4.0) is not None
     attempts = [a.job_id for a in gantt.fold.timeline.attempts]
     assert attempts == ["b0001/H1", "b0001/L1"]
+
+
+def test_after_a_snapshot_the_gantt_reads_its_past_from_the_last_segments(tmp_path: Path):
+    """A clean stop takes a snapshot and leaves an empty live segment: the page's past
+    is then in the closed segments before it."""
+    log = EventLog(tmp_path)
+    store = Store(log)
+    store.record(ev.BatchAccepted(make_plan("b0001", frames=101)), now=1.0)
+    run_to_success(store, "b0001/H1", "gpu", now=2.0)
+    store.compact()
+    store.record(ev.BatchAccepted(make_plan("b0002", frames=101)), now=3.0)
+    store.compact()
+    log.close()
+    assert (tmp_path / "events.jsonl").read_bytes() == b""
+    gantt = Gantt(tmp_path / "events.jsonl")
+    assert gantt.chart(now=4.0) is not None
+    assert list(gantt.fold.timeline.batches) == ["b0001", "b0002"]
+    assert [a.job_id for a in gantt.fold.timeline.attempts] == ["b0001/H1"]

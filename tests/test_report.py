@@ -217,7 +217,7 @@ def test_an_empty_state_directory_has_nothing_to_report(capsys, tmp_path):
     assert code == 2 and "holds no batch" in errors
 
 
-def test_after_a_compaction_only_the_batches_accepted_since_are_drawn(capsys, tmp_path):
+def test_after_a_snapshot_every_batch_is_still_drawn_from_the_kept_segments(capsys, tmp_path):
     state = tmp_path / "var"
     write_log(state)
     log = EventLog(state)
@@ -225,13 +225,31 @@ def test_after_a_compaction_only_the_batches_accepted_since_are_drawn(capsys, tm
     store.compact()
     store.record(ev.BatchAccepted(make_plan("b0004", frames=101)), T0 + 9)
     run(store, "b0004/H1", "low", 9.1, 10)
-    prompt_id = store.jobs["b0003/H1"].prompt_id
-    store.record(ev.JobSucceeded("b0003/H1", prompt_id, {}), T0 + 10)  # its batch: compacted
     store.commit()
     log.close()
+    assert (state / "events.jsonl").read_bytes().count(b"\n") == store.seq - store.snapshot_seq
+    code, printed, errors = draw(capsys, state, tmp_path / "t.svg")
+    assert code == 0 and printed.startswith(f"{tmp_path / 't.svg'}: 4 batches")
+    assert "no longer holds" not in errors
+
+
+def test_with_a_retention_only_the_batches_of_the_kept_segments_are_drawn(capsys, tmp_path):
+    state = tmp_path / "var"
+    write_log(state)
+    log = EventLog(state, retention=2)
+    store = Store.open(log)
+    store.compact()  # the first segment: every line is in this snapshot
+    second = store.seq + 1
+    store.record(ev.BatchAccepted(make_plan("b0004", frames=101)), T0 + 9)
+    run(store, "b0004/H1", "low", 9.1, 10)
+    prompt_id = store.jobs["b0003/H1"].prompt_id
+    store.record(ev.JobSucceeded("b0003/H1", prompt_id, {}), T0 + 10)  # accepted before
+    store.compact()  # two snapshots kept: the first segment goes
+    log.close()
+    assert [p.name for p in (state / "segments").iterdir()] == [f"events-{second:012d}.jsonl"]
     code, printed, errors = draw(capsys, state, tmp_path / "t.svg")
     assert code == 0 and "1 batch, 1 attempt on 1 instance" in printed
-    assert "compacted" in errors
+    assert "no longer holds its oldest events" in errors
 
 
 def test_a_single_attempt_and_two_thousand_jobs_both_draw():

@@ -459,12 +459,21 @@ class CoreMachine(RuleBasedStateMachine):
 
     @invariant()
     def batch_states_agree_with_jobs(self):
+        summarised = 0
         for batch in self.store.batches.values():
             states = {j.state for j in batch.jobs}
-            if batch.state is BatchState.DONE:
-                assert states == {JobState.SUCCEEDED}
+            if batch.state is BatchState.DONE:  # kept as a summary: its jobs are gone
+                assert batch.summary is not None and not batch.jobs and not batch.plan.jobs
+                assert not any(j.batch is batch for j in self.store.jobs.values())
+                summarised += batch.summary.jobs
+            else:
+                assert batch.summary is None and batch.jobs
             if batch.state in (BatchState.FAILED, BatchState.CANCELLED):
                 assert states <= JOB_FINAL
+        counts = self.store.state_counts
+        assert sum(counts.values()) == len(self.store.jobs) + summarised
+        assert counts[JobState.SUCCEEDED] == summarised + sum(
+            1 for j in self.store.jobs.values() if j.state is JobState.SUCCEEDED)
 
     def teardown(self):
         """Liveness: once every instance is up and every render succeeds, all batches end."""
