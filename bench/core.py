@@ -142,7 +142,6 @@ class Farm:
         self._withdrawals()
         self._cancellations()
         self._server_news()
-        self._withdrawals()
         self.commit()
         self._dispatch()
         self.commit()
@@ -182,13 +181,6 @@ class Farm:
         if self.open and self.rng.random() < self.rates[2]:
             for event in cancel_batch(self.store.batches[self.rng.choice(self.open)], "user"):
                 self.record(event)
-
-    def _withdrawals(self) -> None:
-        """Prompts given up on (lost, failed, cancelled) leave their server, when it is up,
-        within the turn: what the daemon records once its agent has seen them gone."""
-        for iid, prompts in list(self.store.abandoned.items()):
-            if iid not in self.down:
-                self.record(ev.PromptsWithdrawn(iid, tuple(sorted(prompts))))
 
     def _server_news(self) -> None:
         by_instance: dict[str | None, list[Job]] = {}
