@@ -144,7 +144,7 @@ class Loop:
         self.down_since: dict[str, float] = {}
         self.reported: set[str] = set()  # instances heard from since start
         self.checking: set[str] = set()  # prompts asked about after a (re)connection
-        self.withdrawing: dict[str, tuple[str, ...]] = {}  # instance -> prompts asked off
+        self.withdrawing: dict[str, float] = {}  # instance -> asked to withdraw prompts at
         self.fallback_kinds: frozenset[str] = frozenset()
         self.unfit: dict[str, tuple[str, ...]] = {}  # instance -> workflow problems there
         self.outputs_dir = Path(settings.state_dir) / "outputs"
@@ -167,7 +167,6 @@ class Loop:
                               if j.state is JobState.RUNNING}
         self.queued_since = {j.job_id: self.busy.start for j in store.in_flight.values()
                              if j.state is JobState.QUEUED}
-        self.withdraw_since: dict[str, float] = {}  # instance -> asked to withdraw at
         self.sick: set[str] = set()  # DOWN because they would not let go of a prompt
         self.status_path = status_path
         self.daemon_info = daemon_info
@@ -632,7 +631,7 @@ class Loop:
                 self.store.record(ev.JobLost(
                     job.job_id, job.prompt_id, f"queued on {job.instance_id} longer than "
                     f"QUEUE_TIMEOUT ({s.queue_timeout:g} s)"), now)
-        for instance_id, since in self.withdraw_since.items():
+        for instance_id, since in self.withdrawing.items():
             if now - since >= s.interrupt_grace and instance_id not in self.sick:
                 self.sick.add(instance_id)
                 self._set_health(instance_id, False, "it has not let go of prompts it was "
@@ -648,13 +647,11 @@ class Loop:
             if agent is None or not self.store.instance_up.get(instance_id) \
                     or instance_id in self.withdrawing:
                 continue
-            self.withdrawing[instance_id] = tuple(sorted(prompts))
-            self.withdraw_since.setdefault(instance_id, now)
-            self.defer(partial(agent.withdraw, self.withdrawing[instance_id]))
+            self.withdrawing[instance_id] = now
+            self.defer(partial(agent.withdraw, tuple(sorted(prompts))))
 
     def _on_withdrawn(self, m: Withdrawn, now: float) -> None:
         self.withdrawing.pop(m.instance_id, None)
-        self.withdraw_since.pop(m.instance_id, None)
         self.store.record(ev.PromptsWithdrawn(m.instance_id, m.prompt_ids), now)
         if m.instance_id in self.sick:
             self.sick.discard(m.instance_id)
