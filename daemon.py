@@ -270,7 +270,7 @@ def dry_run(settings: config.Settings, files: Sequence[Path],
     refused = False
     for n, path in enumerate(files, start=1):
         try:
-            plan = plan_file(path, settings, batch_id=f"b{n:04d}")
+            _, plan = plan_file(path, settings, batch_id=f"b{n:04d}")
         except BadInput as exc:
             print(f"{path}: refused: {exc}", file=sys.stderr)
             refused = True

@@ -40,8 +40,7 @@ import config
 from service import report
 from service.status import STATUS_VERSION, BatchViews, status_view
 from spool.layout import MAX_NAME_BYTES, SpoolLayout
-from spool.reading import read_prompt_file
-from statemachine.admission import admit
+from spool.reading import plan_file
 from statemachine.errors import BadConfig, BadInput, ComfyDualError
 from statemachine.job import BATCH_FINAL
 from statemachine.log import LogFiles, fsync_dir
@@ -364,8 +363,7 @@ class Prompt:
 def read_prompt(path: Path, settings: config.Settings) -> Prompt:
     """Read and check one prompt file as the daemon will; BadInput says what is wrong."""
     try:
-        data = read_prompt_file(path, settings.max_file_bytes)
-        plan = admit(data, path.name, batch_id="b0000", settings=settings)
+        data, plan = plan_file(path, settings)
     except BadInput as exc:
         raise BadInput(f"{path}: {exc}") from None
     return Prompt(path, data, plan.name)

@@ -64,11 +64,12 @@ def read_prompt_file(path: Path, max_bytes: int) -> bytes:
     return data
 
 
-def plan_file(path: Path, settings: PlanDefaults, batch_id: str = "b0000") -> BatchPlan:
-    """Read and plan the prompt file at ``path`` exactly as the daemon will; BadInput
-    says what is wrong with it."""
-    return admit(read_prompt_file(path, settings.max_file_bytes), path.name,
-                 batch_id=batch_id, settings=settings)
+def plan_file(path: Path, settings: PlanDefaults, batch_id: str = "b0000"
+              ) -> tuple[bytes, BatchPlan]:
+    """Read and plan the prompt file at ``path`` exactly as the daemon will: its bytes and
+    its plan; BadInput says what is wrong with it."""
+    data = read_prompt_file(path, settings.max_file_bytes)
+    return data, admit(data, path.name, batch_id=batch_id, settings=settings)
 
 
 def read_at_most(fd: int, limit: int) -> bytes:

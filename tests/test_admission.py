@@ -142,7 +142,8 @@ def test_a_file_that_grows_after_its_size_was_checked_is_read_only_to_the_limit(
 def test_plan_file_reads_and_plans_as_the_daemon_does(tmp_path: Path):
     path = tmp_path / "sunset.txt"
     path.write_bytes(GOOD)
-    assert plan_file(path, SETTINGS).name == "sunset"
+    data, plan = plan_file(path, SETTINGS)
+    assert (data, plan.name) == (GOOD, "sunset")
 
 
 # --- fuzzing --------------------------------------------------------------------------------
