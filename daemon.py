@@ -43,7 +43,8 @@ from spool.watcher import SpoolWatcher
 from statemachine.errors import BadConfig, BadInput, ComfyDualError, LogWriteError
 from statemachine.log import EventLog
 from statemachine.plan import JobKind
-from statemachine.store import Policy, Store, read_records
+from statemachine.rules import Policy
+from statemachine.store import Store, read_records
 from statemachine.timeline import build_timeline
 
 log = structlog.get_logger("comfy_dual.daemon")

@@ -44,9 +44,9 @@ from statemachine.job import BATCH_FINAL, Job, JobState
 from statemachine.log import EventLog, LogFiles
 from statemachine.plan import BatchPlan, JobKind
 from statemachine.planner import PromptSpec, plan_batch
-from statemachine.rules import cancel_batch, failure_event
+from statemachine.rules import Policy, cancel_batch, failure_event
 from statemachine.scheduler import InstanceView, schedule
-from statemachine.store import Policy, Store
+from statemachine.store import Store
 
 TARGETS = {"replay_1m_s": 5.0, "mem_100k_mb": 300.0, "decide_10k_ms": 5.0,
            "decide_10k_64i_ms": 5.0, "restart_1m_history_s": 1.0}

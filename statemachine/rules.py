@@ -7,8 +7,9 @@ on a stale view (two rules cannot both open the same gate).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from statemachine import events as ev
 from statemachine.job import (
@@ -22,22 +23,50 @@ from statemachine.job import (
     deps_met,
 )
 
-if TYPE_CHECKING:
-    from statemachine.store import Policy, Store
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The rules' knobs, taken from the settings, and what the estimates start from:
+    run times per kind until runs are seen, the switch cost (None: learned)."""
+
+    max_retries: int = 3
+    retry_delay: float = 5.0
+    retry_delay_max: float = 300.0
+    combine_gate: str = "batch"
+    job_durations: Mapping[str, float] = field(default_factory=dict)
+    switch_cost: float | None = None
 
 
-def follow_ups(store: Store, event: ev.Event) -> Iterator[ev.Event]:
+class StoreView(Protocol):
+    """What the rules read of the state (``statemachine.store.Store`` is one)."""
+
+    @property
+    def policy(self) -> Policy: ...
+
+    @property
+    def jobs(self) -> Mapping[str, Job]: ...
+
+    @property
+    def batches(self) -> Mapping[str, Batch]: ...
+
+    @property
+    def unfinished_renders(self) -> int: ...
+
+    def open_batches(self) -> Iterable[Batch]: ...
+
+
+def follow_ups(store: StoreView, event: ev.Event) -> Iterator[ev.Event]:
     rule = _RULES.get(type(event))
     return rule(store, event) if rule else iter(())
 
 
-def _promote(store: Store, jobs: Iterable[Job]) -> Iterator[ev.Event]:
+def _promote(store: StoreView, jobs: Iterable[Job]) -> Iterator[ev.Event]:
     for job in jobs:
         if job.state is JobState.WAITING and deps_met(job, store.jobs):
             yield ev.JobReady(job.job_id)
 
 
-def _gates(store: Store, batch: Batch) -> Iterator[ev.Event]:
+def _gates(store: StoreView, batch: Batch) -> Iterator[ev.Event]:
     """Open the COMBINE gate of every batch whose turn it is.
 
     "batch": a batch's gate opens once all its render jobs succeeded. "global": gates
@@ -54,17 +83,17 @@ def _gates(store: Store, batch: Batch) -> Iterator[ev.Event]:
             yield ev.BatchGateOpened(b.batch_id)
 
 
-def _after_accepted(store: Store, e: ev.BatchAccepted) -> Iterator[ev.Event]:
+def _after_accepted(store: StoreView, e: ev.BatchAccepted) -> Iterator[ev.Event]:
     yield from _promote(store, store.batches[e.batch_id].jobs)
 
 
-def _after_intent(store: Store, e: ev.JobDispatchIntent) -> Iterator[ev.Event]:
+def _after_intent(store: StoreView, e: ev.JobDispatchIntent) -> Iterator[ev.Event]:
     batch = store.jobs[e.job_id].batch
     if batch.state is BatchState.ACCEPTED:
         yield ev.BatchStarted(batch.batch_id)
 
 
-def _after_succeeded(store: Store, e: ev.JobSucceeded) -> Iterator[ev.Event]:
+def _after_succeeded(store: StoreView, e: ev.JobSucceeded) -> Iterator[ev.Event]:
     job = store.jobs[e.job_id]
     yield from _promote(store, job.dependants)
     if job.kind.renders:
@@ -73,11 +102,11 @@ def _after_succeeded(store: Store, e: ev.JobSucceeded) -> Iterator[ev.Event]:
         yield ev.BatchDone(job.batch.batch_id)
 
 
-def _after_failed(store: Store, e: ev.JobFailed) -> Iterator[ev.Event]:
+def _after_failed(store: StoreView, e: ev.JobFailed) -> Iterator[ev.Event]:
     yield from _fail_batch(store, store.jobs[e.job_id], e.error)
 
 
-def _fail_batch(store: Store, job: Job, error: str) -> Iterator[ev.Event]:
+def _fail_batch(store: StoreView, job: Job, error: str) -> Iterator[ev.Event]:
     """A failed job cancels the rest of its batch and fails it; other batches go on."""
     for other in job.batch.jobs:
         if other.state not in JOB_FINAL:
@@ -88,21 +117,21 @@ def _fail_batch(store: Store, job: Job, error: str) -> Iterator[ev.Event]:
         yield from _gates(store, job.batch)
 
 
-def _after_cancelled(store: Store, e: ev.JobCancelled) -> Iterator[ev.Event]:
+def _after_cancelled(store: StoreView, e: ev.JobCancelled) -> Iterator[ev.Event]:
     job = store.jobs[e.job_id]
     if job.kind.renders:
         yield from _gates(store, job.batch)
 
 
-def _after_gate(store: Store, e: ev.BatchGateOpened) -> Iterator[ev.Event]:
+def _after_gate(store: StoreView, e: ev.BatchGateOpened) -> Iterator[ev.Event]:
     yield from _promote(store, store.batches[e.batch_id].jobs)
 
 
-def _after_reset(store: Store, e: ev.JobReset) -> Iterator[ev.Event]:
+def _after_reset(store: StoreView, e: ev.JobReset) -> Iterator[ev.Event]:
     yield from _promote(store, (store.jobs[e.job_id],))
 
 
-def _after_batch_retried(store: Store, e: ev.BatchRetried) -> Iterator[ev.Event]:
+def _after_batch_retried(store: StoreView, e: ev.BatchRetried) -> Iterator[ev.Event]:
     yield from _gates(store, store.batches[e.batch_id])
 
 
@@ -114,7 +143,7 @@ _RULES: dict[type[ev.Event], Callable[[Any, Any], Iterator[ev.Event]]] = {
 }
 
 
-def settle(store: Store) -> Iterator[ev.Event]:
+def settle(store: StoreView) -> Iterator[ev.Event]:
     """Every follow-up that is due but missing from the log, after a replay.
 
     A crash can leave part of a turn on disk (a torn write keeps its first lines): an

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import gc
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -39,23 +38,10 @@ from statemachine.job import (
 )
 from statemachine.log import Log
 from statemachine.plan import BatchPlan, JobKind, upcast_v1
-from statemachine.rules import follow_ups
+from statemachine.rules import Policy, follow_ups
 from statemachine.scheduler import InstanceView, fifo_of, line_of
 
 SNAPSHOT_VERSION = 3  # 2: plans in the form of event schema 2; 3: done batches summarised
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    """The rules' knobs, taken from the settings, and what the estimates start from:
-    run times per kind until runs are seen, the switch cost (None: learned)."""
-
-    max_retries: int = 3
-    retry_delay: float = 5.0
-    retry_delay_max: float = 300.0
-    combine_gate: str = "batch"
-    job_durations: Mapping[str, float] = field(default_factory=dict)
-    switch_cost: float | None = None
 
 
 Listener = Callable[[ev.Recorded, Any], None]

@@ -8,9 +8,9 @@ from support import Inst, dispatch, make_plan
 from statemachine import events as ev
 from statemachine.estimates import CostLearner, expected_busy
 from statemachine.log import MemoryLog
-from statemachine.rules import cancel_batch
+from statemachine.rules import Policy, cancel_batch
 from statemachine.scheduler import Costs
-from statemachine.store import Policy, Store
+from statemachine.store import Store
 
 HIGH = Inst("high", frozenset({"HIGH", "COMBINE"}), steal_types=frozenset({"LOW"}))
 LOW = Inst("low", frozenset({"LOW", "COMBINE"}))

@@ -14,8 +14,8 @@ from service import report
 from statemachine import events as ev
 from statemachine.log import EventLog, MemoryLog
 from statemachine.planner import PromptSpec, plan_batch
-from statemachine.rules import failure_event
-from statemachine.store import Policy, Store, read_records
+from statemachine.rules import Policy, failure_event
+from statemachine.store import Store, read_records
 from statemachine.timeline import build_timeline
 
 SVG = "{http://www.w3.org/2000/svg}"

@@ -26,9 +26,9 @@ from statemachine.estimates import expected_busy
 from statemachine.job import IN_FLIGHT, JOB_FINAL, BatchState, JobState
 from statemachine.log import MemoryLog
 from statemachine.plan import JobKind
-from statemachine.rules import cancel_batch, failure_event, retry_batch
+from statemachine.rules import Policy, cancel_batch, failure_event, retry_batch
 from statemachine.scheduler import Costs, InstanceView, schedule
-from statemachine.store import Policy, Store
+from statemachine.store import Store
 
 
 def kinds(*names: str) -> frozenset[str]:

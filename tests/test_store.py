@@ -10,8 +10,8 @@ from statemachine import events as ev
 from statemachine.errors import CorruptLog, IllegalTransition
 from statemachine.job import BatchState, JobState
 from statemachine.log import MemoryLog
-from statemachine.rules import cancel_batch, failure_event, retry_batch, settle
-from statemachine.store import Policy, Store
+from statemachine.rules import Policy, cancel_batch, failure_event, retry_batch, settle
+from statemachine.store import Store
 
 
 def new_store(**policy) -> Store:
