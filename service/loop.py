@@ -62,7 +62,7 @@ from statemachine.errors import (
 )
 from statemachine.job import BATCH_FINAL, Batch, BatchState, Job, JobState
 from statemachine.plan import JobKind
-from statemachine.rules import cancel_batch, failure_event, retry_batch, settle
+from statemachine.rules import cancel_batch, failure_event, missing_follow_ups, retry_batch
 from statemachine.scheduler import schedule
 from statemachine.store import Store
 
@@ -662,7 +662,7 @@ class Loop:
         """At start: record the follow-ups a torn last turn may have left out, and send
         jobs in flight on an instance no longer configured back to ready."""
         now = self.clock()
-        for event in settle(self.store):
+        for event in missing_follow_ups(self.store):
             self.store.record(event, now)
         for job in list(self.store.in_flight.values()):
             if job.instance_id not in self.agents:

@@ -143,7 +143,7 @@ _RULES: dict[type[ev.Event], Callable[[Any, Any], Iterator[ev.Event]]] = {
 }
 
 
-def settle(store: StoreView) -> Iterator[ev.Event]:
+def missing_follow_ups(store: StoreView) -> Iterator[ev.Event]:
     """Every follow-up that is due but missing from the log, after a replay.
 
     A crash can leave part of a turn on disk (a torn write keeps its first lines): an

@@ -10,7 +10,7 @@ from statemachine import events as ev
 from statemachine.errors import CorruptLog, IllegalTransition
 from statemachine.job import BatchState, JobState
 from statemachine.log import MemoryLog
-from statemachine.rules import Policy, cancel_batch, failure_event, retry_batch, settle
+from statemachine.rules import Policy, cancel_batch, failure_event, missing_follow_ups, retry_batch
 from statemachine.store import Store
 
 
@@ -224,7 +224,7 @@ def _turn_with(event_for, frames: int, done: list[str]):
     (lambda j: ev.JobSucceeded(j.job_id, j.prompt_id, {}), 101, ["a/H1", "a/L1"]),  # done
     (lambda j: ev.JobFailed(j.job_id, j.prompt_id, "boom"), 202, []),  # fails the batch
 ])
-def test_settle_completes_a_turn_torn_after_its_first_event(event_for, frames, done):
+def test_missing_follow_ups_complete_a_turn_torn_after_its_first_event(event_for, frames, done):
     log, store, event = _turn_with(event_for, frames, done)
     store.record(event, 3)
     whole_turn = store.snapshot()
@@ -232,10 +232,10 @@ def test_settle_completes_a_turn_torn_after_its_first_event(event_for, frames, d
     log.crash(torn=1)  # only the event itself reached the disk
     reopened = Store.open(log, store.policy)
     assert reopened.snapshot() != whole_turn
-    for follow_up in settle(reopened):
+    for follow_up in missing_follow_ups(reopened):
         reopened.record(follow_up, 3)
     assert reopened.snapshot() == whole_turn
-    assert list(settle(reopened)) == []
+    assert list(missing_follow_ups(reopened)) == []
 
 
 def test_a_retried_batch_says_no_more_why_it_was_cancelled():
