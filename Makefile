@@ -26,7 +26,7 @@ lint: $(STAMP)
 # Benchmarks and the long crash run: minutes each, never part of `make test`.
 bench: $(STAMP)
 	$(PY) bench/core.py
-	$(PY) bench/intake.py
+	$(PY) bench/drop_to_batch.py
 	$(PY) bench/makespan.py
 	$(PY) bench/overhead.py
 	$(PY) bench/faults.py

@@ -1,12 +1,13 @@
-"""Intake benchmark: how soon a prompt file renamed into ``spool/incoming/`` is a recorded
-batch, and how long the daemon takes to swallow a backlog of 10,000 files.
+"""Intake, from a dropped file to a recorded batch: how soon a prompt file renamed into
+``spool/incoming/`` is a recorded batch, and how long the daemon takes to swallow a backlog
+of 10,000 files.
 
 Run from the repository root (not part of the test suite)::
 
-    .venv/bin/python bench/intake.py                 # a report
-    .venv/bin/python bench/intake.py --json          # {"p50_ms", "p99_ms", "take_10k_s",
-                                                     #  "missed", ...} for scripts
-    .venv/bin/python bench/intake.py --files 100 --backlog 2000
+    .venv/bin/python bench/drop_to_batch.py             # a report
+    .venv/bin/python bench/drop_to_batch.py --json      # {"p50_ms", "p99_ms", "take_10k_s",
+                                                        #  "missed", ...} for scripts
+    .venv/bin/python bench/drop_to_batch.py --files 100 --backlog 2000
 
 The real daemon runs in service mode as a subprocess on a temporary state directory. Its
 two ComfyUI instances point at closed loopback ports: both are DOWN, nothing is ever
