@@ -113,16 +113,19 @@ class Workload:
 
 
 @dataclass(frozen=True)
-class Policy:
+class Strategy:
+    """A scheduling policy under test: the daemon's settings that make it."""
+
     name: str
     gate: str
     steal: bool = False
     dual: bool = True
 
 
-STRICT_BATCH = Policy("strict-batch", "batch")
-POLICIES = (Policy("strict-global", "global"), STRICT_BATCH, Policy("steal", "batch", steal=True))
-SINGLE = Policy("single", "batch", dual=False)
+STRICT_BATCH = Strategy("strict-batch", "batch")
+STRATEGIES = (Strategy("strict-global", "global"), STRICT_BATCH,
+              Strategy("steal", "batch", steal=True))
+SINGLE = Strategy("single", "batch", dual=False)
 
 
 def workloads(seed: int) -> list[Workload]:
@@ -177,7 +180,7 @@ def simulators(count: int, durations: Mapping[str, float], switch_cost: float,
             proc.wait(timeout=10)
 
 
-def bench_settings(state_dir: Path, ports: Sequence[int], policy: Policy,
+def bench_settings(state_dir: Path, ports: Sequence[int], strategy: Strategy,
                    extra: Mapping[str, Any] | None = None, layout: Layout = PAIR
                    ) -> config.Settings:
     """The instances of ``layout`` on ``ports``, or the single one on the first port;
@@ -185,12 +188,12 @@ def bench_settings(state_dir: Path, ports: Sequence[int], policy: Policy,
     steals = steal_types(layout)
     instances = [{"instance_id": name, "host": "127.0.0.1", "port": port,
                   "job_types": [kind], "max_concurrent": 2,
-                  "steal_types": sorted(steals[name]) if policy.steal else []}
+                  "steal_types": sorted(steals[name]) if strategy.steal else []}
                  for (name, kind), port in zip(layout, ports, strict=False)]
     single = {**config.SINGLE_INSTANCE_CONFIG, "port": ports[0]}
     return config.load_settings(overrides={
-        "STATE_DIR": str(state_dir), "ENABLE_DUAL_INSTANCE": policy.dual,
-        "COMBINE_GATE": policy.gate,
+        "STATE_DIR": str(state_dir), "ENABLE_DUAL_INSTANCE": strategy.dual,
+        "COMBINE_GATE": strategy.gate,
         "COMFYUI_INSTANCES": instances, "SINGLE_INSTANCE_CONFIG": single,
         "ARTIFACT_TRANSFER": "path", "ARTIFACT_DIR": str(state_dir / "artifacts"),
         **(extra or {})})
@@ -238,15 +241,15 @@ class Bench:
     single: bool = True  # run the one-server baseline (speed-ups need it)
 
 
-def run(bench: Bench, workload: Workload, policy: Policy, files: Sequence[Path],
+def run(bench: Bench, workload: Workload, strategy: Strategy, files: Sequence[Path],
         time_limit: float) -> Measured:
-    """Render ``files`` with ``policy`` on fresh simulators and a fresh state dir; stop
+    """Render ``files`` with ``strategy`` on fresh simulators and a fresh state dir; stop
     after ``time_limit`` seconds whatever happens."""
-    state = bench.work / f"{workload.name}-{policy.name}"
-    count = len(workload.layout) if policy.dual else 1
+    state = bench.work / f"{workload.name}-{strategy.name}"
+    count = len(workload.layout) if strategy.dual else 1
     with simulators(count, workload.seconds(bench.unit), workload.switch_cost * bench.unit,
                     state / "artifacts") as ports:
-        settings = bench_settings(state, ports, policy, extra=bench.extra,
+        settings = bench_settings(state, ports, strategy, extra=bench.extra,
                                   layout=workload.layout)
         stop = daemon.Stop()
         limit = threading.Timer(time_limit, stop.event.set)
@@ -365,7 +368,7 @@ def lower_bounds(workload: Workload, plans: Sequence[BatchPlan],
 # --- the whole benchmark -----------------------------------------------------------------
 
 
-def bench_workload(bench: Bench, workload: Workload, policies: Sequence[Policy]
+def bench_workload(bench: Bench, workload: Workload, strategies: Sequence[Strategy]
                    ) -> list[dict[str, Any]]:
     files = write_prompts(bench.work / workload.name, workload.frames)
     settings = bench_settings(bench.work / workload.name, range(1, len(workload.layout) + 1),
@@ -377,10 +380,10 @@ def bench_workload(bench: Bench, workload: Workload, policies: Sequence[Policy]
     limit = 3 * bench.unit * sum(work_by_kind(plans, workload.durations).values()) + 60
     single = timed_run(bench, workload, SINGLE, files, limit) if bench.single else None
     rows = []
-    for policy in policies:
-        m = timed_run(bench, workload, policy, files, limit)
+    for strategy in strategies:
+        m = timed_run(bench, workload, strategy, files, limit)
         rows.append({
-            "workload": workload.name, "policy": policy.name, "unit_s": bench.unit,
+            "workload": workload.name, "policy": strategy.name, "unit_s": bench.unit,
             "makespan": round(m.makespan, 3), "lower_bound": round(bound, 3),
             "ratio": round(m.makespan / bound, 4), "lower_bound_pinned": round(pinned, 3),
             "speedup_vs_single": single and round(single.makespan / m.makespan, 3),
@@ -391,11 +394,11 @@ def bench_workload(bench: Bench, workload: Workload, policies: Sequence[Policy]
     return rows
 
 
-def timed_run(bench: Bench, workload: Workload, policy: Policy, files: Sequence[Path],
+def timed_run(bench: Bench, workload: Workload, strategy: Strategy, files: Sequence[Path],
               limit: float) -> Measured:
     began = time.monotonic()
-    m = run(bench, workload, policy, files, limit)
-    bench.say(f"{workload.name} {policy.name:<13} makespan {m.makespan:6.2f} units "
+    m = run(bench, workload, strategy, files, limit)
+    bench.say(f"{workload.name} {strategy.name:<13} makespan {m.makespan:6.2f} units "
               f"({time.monotonic() - began:.1f} s){'' if m.all_done else '  NOT ALL DONE'}")
     return m
 
@@ -465,15 +468,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workloads", nargs="+", default=[w.name for w in workloads(SEED)])
     parser.add_argument("--farm", action="store_true",
                         help=f"just the eight-server workloads ({' '.join(FARM_WORKLOADS)})")
-    parser.add_argument("--policies", nargs="+", default=[p.name for p in POLICIES],
-                        choices=[p.name for p in POLICIES])
+    parser.add_argument("--policies", nargs="+", default=[s.name for s in STRATEGIES],
+                        choices=[s.name for s in STRATEGIES])
     parser.add_argument("--no-single", action="store_true",
                         help="skip the one-server baseline (no speed-ups; for long units)")
     parser.add_argument("--combine-concurrency", type=int, metavar="N",
                         help="COMBINE_CONCURRENCY for every run (default: config.py's)")
     args = parser.parse_args(argv)
     quiet_logs()
-    policies = [p for p in POLICIES if p.name in args.policies]
+    strategies = [s for s in STRATEGIES if s.name in args.policies]
     names = FARM_WORKLOADS if args.farm else args.workloads
     rows: list[dict[str, Any]] = []
     extra = ({} if args.combine_concurrency is None
@@ -481,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="comfy-dual-makespan-") as tmp:
         bench = Bench(args.unit, Path(tmp), extra, _say, single=not args.no_single)
         for workload in (w for w in workloads(args.seed) if w.name in names):
-            new = bench_workload(bench, workload, policies)
+            new = bench_workload(bench, workload, strategies)
             rows += new
             if args.json:
                 for row in new:
