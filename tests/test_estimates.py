@@ -10,6 +10,7 @@ from statemachine.estimates import CostLearner, expected_busy
 from statemachine.log import MemoryLog
 from statemachine.rules import Policy, cancel_batch
 from statemachine.scheduler import Costs
+from statemachine.snapshot import restore
 from statemachine.store import Store
 
 HIGH = Inst("high", frozenset({"HIGH", "COMBINE"}), steal_types=frozenset({"LOW"}))
@@ -105,7 +106,7 @@ def test_a_snapshot_from_before_estimates_still_opens():
     saved = store.snapshot()
     del saved["estimates"]
     old = Store(MemoryLog())
-    old._restore(saved)
+    restore(old.state, saved)
     assert old.estimates.costs() == Costs()
     assert old.coming_work() == store.coming_work()
 

@@ -23,7 +23,8 @@ from statemachine.errors import CorruptLog
 from statemachine.job import Batch
 from statemachine.log import EventLog, MemoryLog
 from statemachine.plan import BatchPlan
-from statemachine.store import Store, _batch_state
+from statemachine.snapshot import _batch_state
+from statemachine.store import Store
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 EXPECTED = json.loads((FIXTURES / "events-v1.expected.json").read_text())
