@@ -29,10 +29,10 @@ import structlog
 import config
 from instances.agent import InstanceAgent
 from instances.workflow import Workflow, load_workflow
-from service.intake import Intake
+from service.intake import SubmitFile
 from service.lock import StateLock
 from service.logs import setup_logging
-from service.loop import Loop, SubmitFile
+from service.loop import Loop
 from service.notify import Notifier
 from service.summary import figures, render_summary
 from service.web import StatusWeb
@@ -162,13 +162,15 @@ def serve(settings: config.Settings, stop: Stop, notifier: Notifier) -> int:
     layout.create()
     for path in layout.sweep_tmp(time.time()):
         log.info("🧹 removed a file a writer left unfinished in the spool", file=path)
-    intake = Intake(Spool(layout, max_bytes=settings.max_file_bytes), layout.commands)
-    with opened(settings, intake=intake) as loop, _watching(layout, loop.post):
+    spool = Spool(layout, max_bytes=settings.max_file_bytes)
+    with opened(settings, spool=spool, commands=layout.commands) as loop, \
+            _watching(layout, loop.post):
         log.info("👂 watching the spool", incoming=str(layout.incoming))
         ready, told = False, float("-inf")
         while not stop():
-            loop.run_once(timeout=loop.wait_budget(time.time()))
+            loop.wait(loop.wait_budget(time.time()))
             now = time.time()
+            loop.run_once(now)
             if not ready and (loop.reconciled or now - loop.busy.start > READY_AT_LATEST):
                 notifier.ready()
                 ready = True

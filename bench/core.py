@@ -360,7 +360,7 @@ def restart_child(directory: Path) -> dict[str, Any]:
     for _ in range(1000):
         if StubAgent.first_post is not None:
             break
-        loop.run_once(timeout=0.0)
+        loop.run_once(time.time())
     else:
         raise SystemExit("the restarted loop dispatched nothing in 1,000 turns")
     event_log.close()

@@ -181,7 +181,7 @@ class InstanceAgent:
         """Copy in the files the job reads (``handoffs``), then post it, on an HTTP thread.
 
         Returns at once with an event set when that thread has taken the job (the loop
-        waits for its turn's hand-overs, see ``Loop.run_once``).
+        waits for its turn's hand-overs, see ``Dispatcher.hand_over``).
         """
         taken = threading.Event()
         self._http.submit(self._submit, job_id, prompt_id, graph, extra_data, handoffs,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import uuid
 
-from service.loop import new_prompt_id
+from service.dispatcher import new_prompt_id
 
 
 def test_prompt_ids_are_uuid4s_that_seeding_the_global_random_does_not_repeat() -> None:
