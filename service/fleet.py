@@ -68,6 +68,9 @@ class Fleet:
                         detail=detail)
         self._log_fallback()
 
+    def mark_down(self, instance_id: str, detail: str, now: float) -> None:
+        self.set_health(instance_id, False, detail, now)
+
     def on_validated(self, m: Validated, now: float) -> None:
         """The agent checked the workflows against the server's node list before telling
         it is up, so nothing was posted to it yet."""

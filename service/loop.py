@@ -38,6 +38,7 @@ from service.agents import Agent, Effect
 from service.dispatcher import Dispatcher
 from service.fleet import Fleet
 from service.intake import Intake, SubmitFile
+from service.journal import Journal
 from service.narrator import Narrator
 from service.outputs import OutputFetcher
 from service.status import BusyMeter
@@ -48,7 +49,6 @@ from spool.intake import Spool
 from spool.watcher import SpoolHint
 from statemachine import events as ev
 from statemachine import failpoints
-from statemachine.errors import LogWriteError
 from statemachine.job import BATCH_FINAL
 from statemachine.plan import JobKind
 from statemachine.rules import settle
@@ -72,11 +72,10 @@ class Loop:
         self.clock = clock
         self.inbox: queue.SimpleQueue[object] = inbox or queue.SimpleQueue()
         self.outputs_dir = Path(settings.state_dir) / "outputs"
-        self.log_error: str | None = None  # why the event log cannot be written, if so
         self._effects: list[Effect] = []
         self._received: list[object] = []
         self._resumed = False
-        self._next_snapshot = store.snapshot_seq + settings.snapshot_every
+        self.journal = Journal(store, settings.snapshot_every)
         start = clock()
         self.status = StatusReport(settings, store, start=start, outputs_dir=self.outputs_dir,
                                    path=status_path, daemon_info=daemon_info)
@@ -86,7 +85,7 @@ class Loop:
         self.dispatcher = Dispatcher(settings, store, agents, workflows, self.defer)
         self.tracker = Tracker(store, agents, workflows, self.defer,
                                repost=self.dispatcher.post,
-                               instance_down=self.fleet.set_health)
+                               instance_down=self.fleet.mark_down)
         self.timeouts = Timeouts(settings, store, start)
         self.outputs = OutputFetcher(store, agents, self.outputs_dir, self.defer)
         self._handlers: dict[type, Callable[[Any, float], None]] = {
@@ -133,7 +132,7 @@ class Loop:
             self._resume(now)
         for message in messages:
             self._handlers[type(message)](message, now)
-        self.fleet.stop_if_unfit(self._commit)
+        self.fleet.stop_if_unfit(self.journal.commit)
         self.fleet.expire(now)
         self.timeouts.expire(now)
         self.fleet.withdraw_abandoned(now)
@@ -141,7 +140,7 @@ class Loop:
             self.intake.turn(now)
             if self.fleet.started:
                 self.dispatcher.dispatch(now)
-        if not self._commit():
+        if not self.journal.commit():
             self.write_status(now)
             return False  # nothing leaves the process until what caused it is durable
         effects, self._effects = self._effects, []
@@ -151,8 +150,7 @@ class Loop:
             effect()
         self.dispatcher.hand_over()
         self.write_status(now)
-        if self.store.seq >= self._next_snapshot:
-            self.snapshot()
+        self.journal.snapshot_if_due()
         return bool(effects)
 
     def _take(self) -> list[object]:
@@ -167,22 +165,6 @@ class Loop:
         """Run ``effect`` after this turn's commit (a file move, a reply, a POST)."""
         self._effects.append(effect)
 
-    def _commit(self) -> bool:
-        """Group commit. While the log cannot be written (disk full, read-only), keep the
-        events pending, send nothing, dispatch nothing, and say so; resume once it works."""
-        try:
-            self.store.commit()
-        except LogWriteError as exc:
-            if self.log_error is None:
-                log.error("🛑 cannot write the event log: dispatch stopped until it can",
-                          error=str(exc))
-            self.log_error = str(exc)
-            return False
-        if self.log_error is not None:
-            log.info("✅ event log writable again: dispatch resumes")
-            self.log_error = None
-        return True
-
     def _resume(self, now: float) -> None:
         """First turn: record the follow-ups a torn last turn may have left out, and send
         jobs in flight on an instance no longer configured back to ready."""
@@ -195,23 +177,6 @@ class Loop:
                                              f"{job.instance_id} is no longer configured"),
                                   now)
 
-    def snapshot(self) -> None:
-        """Write a snapshot and start a new log segment (between turns, never inside a
-        group commit). A disk that refuses it is reported and the snapshot tried again
-        after a tenth of SNAPSHOT_EVERY more events: the log itself still holds it all."""
-        every = self.settings.snapshot_every
-        began = time.perf_counter()
-        try:
-            self.store.compact()
-        except (LogWriteError, OSError) as exc:
-            log.warning("⚠️ cannot write a snapshot of the event log; a restart replays "
-                        "more until one is written", error=str(exc))
-            self._next_snapshot = self.store.seq + max(1, every // 10)
-            return
-        self._next_snapshot = self.store.seq + every
-        log.info("📸 snapshot written, new event-log segment", seq=self.store.seq,
-                 ms=round((time.perf_counter() - began) * 1000, 1))
-
     def _on_health(self, m: Health, now: float) -> None:
         if self.fleet.heard(m, now):
             self.outputs.instance_up(m.instance_id)
@@ -222,6 +187,11 @@ class Loop:
     def write_status(self, now: float, *, force: bool = False) -> None:
         self.status.publish(now, progress=self.tracker.progress, log_error=self.log_error,
                             force=force)
+
+    @property
+    def log_error(self) -> str | None:
+        """Why the event log cannot be written, if so (dispatch is paused)."""
+        return self.journal.error
 
     @property
     def on_status(self) -> list[Publish]:
