@@ -55,10 +55,9 @@ from statemachine.errors import (
     BadConfig,
     BadInput,
     ComfyDualError,
-    InstanceUnreachable,
+    InstanceTrouble,
     LogWriteError,
     PermanentDispatchError,
-    ServerError,
 )
 from statemachine.job import BATCH_FINAL, Batch, BatchState, Job, JobState
 from statemachine.plan import JobKind
@@ -463,7 +462,7 @@ class Loop:
         job = self._flying(m.prompt_id)
         if job is None:
             return
-        if isinstance(m.error, InstanceUnreachable | ServerError):
+        if isinstance(m.error, InstanceTrouble):
             # The server is unreachable or failing (HTTP 5xx): its trouble, not the job's.
             # The POST may or may not have arrived: ask again once the server is back.
             log.warning("⚠️ could not post to instance", job=job.job_id,
