@@ -19,7 +19,7 @@ from support import dispatch, make_plan, wait_for
 
 import config
 import daemon
-from instances import agent as agent_module
+from instances import fetching
 from instances.agent import Health, InstanceAgent, Validated
 from instances.artifacts import (
     ArtifactMissing,
@@ -301,7 +301,7 @@ def test_path_mode_without_a_shared_directory_fails_the_reader_clearly(tmp_path:
         said.out + said.err
 
 
-@pytest.mark.parametrize("failures", [1, agent_module.FETCH_ATTEMPTS])
+@pytest.mark.parametrize("failures", [1, fetching.FETCH_ATTEMPTS])
 def test_a_failed_transfer_is_tried_again_then_a_retried_attempt_not_a_crash(
         tmp_path: Path, sims, monkeypatch, failures: int) -> None:
     high, low = sims
@@ -314,12 +314,12 @@ def test_a_failed_transfer_is_tried_again_then_a_retried_attempt_not_a_crash(
         return real(agent, file)
 
     monkeypatch.setattr(InstanceAgent, "download", flaky)
-    monkeypatch.setattr(agent_module, "FETCH_RETRY_WAIT", 0.01)
+    monkeypatch.setattr(fetching, "FETCH_RETRY_WAIT", 0.01)
     result = _run(settings_for(tmp_path, high.port, low.port),
                   prompt_file(tmp_path, "flaky", 101))
     assert result.all_done, result.summary
     attempts = _events(tmp_path, "job_attempt_failed")  # none while the agent tries again
-    assert len(attempts) == (failures == agent_module.FETCH_ATTEMPTS)
+    assert len(attempts) == (failures == fetching.FETCH_ATTEMPTS)
     for attempt in attempts:
         assert attempt.job_id == "b0001/L1" and "cannot fetch b0001-flaky/high_001_00001_" \
             ".latent from high_priority" in attempt.error
