@@ -308,9 +308,6 @@ class StubAgent:
     def check(self, job_id: str, prompt_id: str) -> None:
         pass
 
-    def follow(self, job_id: str, prompt_id: str) -> None:
-        pass
-
     def withdraw(self, prompt_ids: Any) -> None:
         pass
 
