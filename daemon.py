@@ -131,7 +131,7 @@ def opened(settings: config.Settings, **loop_options: object) -> Iterator[Loop]:
             with _running(agents.values()), web.serving(loop):
                 yield loop
             if loop.log_error is None and store.seq > store.snapshot_seq:
-                loop.snapshot()  # a clean stop: the next start replays nothing
+                loop.journal.snapshot()  # a clean stop: the next start replays nothing
         finally:
             loop.write_status(time.time(), force=True)
             event_log.close()

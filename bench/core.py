@@ -308,9 +308,6 @@ class StubAgent:
     def check(self, job_id: str, prompt_id: str) -> None:
         pass
 
-    def follow(self, job_id: str, prompt_id: str) -> None:
-        pass
-
     def withdraw(self, prompt_ids: Any) -> None:
         pass
 
@@ -345,7 +342,7 @@ def restart_child(directory: Path) -> dict[str, Any]:
     moment it started this interpreter; the phases are printed too."""
     began = time.time()
     import daemon
-    from instances.agent import Health
+    from instances.messages import Health
     from service.loop import Loop
 
     imported = time.time()

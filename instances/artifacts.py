@@ -28,11 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from instances.workflow import Workflow
-from statemachine.errors import (
-    ComfyDualError,
-    PermanentDispatchError,
-    TransientDispatchError,
-)
+from statemachine.errors import ComfyDualError, PermanentDispatchError
 from statemachine.job import Job
 from statemachine.plan import JobKind
 
@@ -41,8 +37,9 @@ class ArtifactMissing(PermanentDispatchError):
     """A dependency reported no file for an artifact the job reads: no retry can help."""
 
 
-class TransferFailed(TransientDispatchError):
-    """A file could not be copied from the server that wrote it; the job is retried."""
+class TransferFailed(ComfyDualError):
+    """A file could not be copied from the server that wrote it; the job is retried (the
+    receiving instance is not to blame)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ from typing import Any
 
 import structlog
 
-from instances.agent import Health, Validated, Withdrawn
+from instances.messages import Health, Validated, Withdrawn
 from service.agents import Agent, Defer
 from statemachine import events as ev
 from statemachine.errors import BadConfig

@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from instances.agent import (
+from instances.messages import (
     Checked,
     Finished,
     Health,
@@ -40,7 +40,7 @@ from service.fleet import Fleet
 from service.intake import Intake, SubmitFile
 from service.journal import Journal
 from service.narrator import Narrator
-from service.outputs import OutputFetcher
+from service.outputs import VideoFetcher
 from service.status import BusyMeter
 from service.status_report import Publish, StatusReport
 from service.timeouts import Timeouts
@@ -87,7 +87,7 @@ class Loop:
                                repost=self.dispatcher.post,
                                instance_down=self.fleet.mark_down)
         self.timeouts = Timeouts(settings, store, start)
-        self.outputs = OutputFetcher(store, agents, self.outputs_dir, self.defer)
+        self.outputs = VideoFetcher(store, agents, self.outputs_dir, self.defer)
         self._handlers: dict[type, Callable[[Any, float], None]] = {
             Health: self._on_health, Validated: self.fleet.on_validated,
             Withdrawn: self.fleet.on_withdrawn, Posted: self.tracker.on_posted,

@@ -16,7 +16,7 @@ from statemachine.job import Batch, BatchState
 from statemachine.store import Store
 
 
-class OutputFetcher:
+class VideoFetcher:
     def __init__(self, store: Store, agents: Mapping[str, Agent], outputs_dir: Path,
                  defer: Defer) -> None:
         self.agents = agents

@@ -10,13 +10,13 @@ from typing import Any
 
 import structlog
 
-from instances.agent import Checked, Finished, Posted, PostFailed, Progress, Started
 from instances.artifacts import unwritten_artifacts
 from instances.client import JobOutcome
+from instances.messages import Checked, Finished, Posted, PostFailed, Progress, Started
 from instances.workflow import Workflow
 from service.agents import Agent, Defer
 from statemachine import events as ev
-from statemachine.errors import InstanceUnreachable, PermanentDispatchError, ServerError
+from statemachine.errors import InstanceTrouble, PermanentDispatchError
 from statemachine.job import Job, JobState
 from statemachine.plan import JobKind
 from statemachine.rules import failure_event
@@ -75,7 +75,7 @@ class Tracker:
         job = self.flying(m.prompt_id)
         if job is None:
             return
-        if isinstance(m.error, InstanceUnreachable | ServerError):
+        if isinstance(m.error, InstanceTrouble):
             # The server is unreachable or failing (HTTP 5xx): its trouble, not the job's.
             # The POST may or may not have arrived: ask again once the server is back.
             log.warning("⚠️ could not post to instance", job=job.job_id,

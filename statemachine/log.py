@@ -335,7 +335,7 @@ class EventLog:
         failpoints.hit("after_snapshot")
         if self._durable_size:
             self._rotate()
-        self._prune(seq)
+        self._prune()
 
     def _rotate(self) -> None:
         """The live segment into ``segments/``, a new empty one in its place. The new file
@@ -355,7 +355,7 @@ class EventLog:
         os.close(self._fd)
         self._fd, self._durable_size = fd, 0
 
-    def _prune(self, newest: int) -> None:
+    def _prune(self) -> None:
         """Snapshots beyond the retention, and segments that only hold events before the
         oldest snapshot kept. Called once the newest snapshot is durable."""
         snapshots = [(s, p) for s, p in self.files.snapshots() if s >= 0]

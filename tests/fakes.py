@@ -12,7 +12,9 @@ from typing import Any
 
 import config
 import daemon
-from instances.agent import (
+from instances.artifacts import Handoff, OutputFile
+from instances.client import JobOutcome
+from instances.messages import (
     Checked,
     Finished,
     Health,
@@ -22,8 +24,6 @@ from instances.agent import (
     Validated,
     Withdrawn,
 )
-from instances.artifacts import Handoff, OutputFile
-from instances.client import JobOutcome
 from instances.workflow import Workflow
 from service.intake import SubmitFile
 from service.loop import Loop

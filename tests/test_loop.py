@@ -11,7 +11,7 @@ import uuid
 import pytest
 from fakes import Harness, RefusingLog
 
-from instances.agent import Progress
+from instances.messages import Progress
 from service.dispatcher import new_prompt_id
 from service.intake import SubmitFile
 from statemachine.errors import BadConfig, InstanceUnreachable, PermanentDispatchError
