@@ -114,9 +114,14 @@ class FakeAgent:
     def start(self, job_id: str) -> None:
         self.post(Started(self.instance_id, self.prompt(job_id).prompt_id))
 
-    def finish(self, job_id: str, status: str = "success", error: str | None = None) -> None:
+    def finish(self, job_id: str, status: str = "success", error: str | None = None, *,
+               written: bool = True) -> None:
+        """The job ends; ``written=False``: a success that wrote none of its files."""
         s = self.prompt(job_id)
-        self.post(Finished(self.instance_id, s.prompt_id, self.outcome(s, status, error)))
+        outcome = self.outcome(s, status, error)
+        if not written:
+            outcome = JobOutcome(outcome.status, {}, None)
+        self.post(Finished(self.instance_id, s.prompt_id, outcome))
 
     def answer_check(self, job_id: str, where: str, status: str = "success") -> None:
         s = self.prompt(job_id)
@@ -174,7 +179,11 @@ class Harness:
         self.open()
 
     def open(self) -> Loop:
-        """(Re)start the daemon's side on the same log: a restart."""
+        """(Re)start the daemon's side on the same log: a restart (messages not yet taken
+        are lost with the old process)."""
+        self.inbox = queue.SimpleQueue()
+        for agent in self.agents.values():
+            agent.post = self.inbox.put
         self.store = Store.open(self.log, daemon.policy_of(self.settings))
         self.loop = Loop(self.settings, self.store, self.agents, self.workflows,
                          inbox=self.inbox, clock=self.clock)
