@@ -41,9 +41,10 @@ from service import report
 from service.status import STATUS_VERSION, BatchViews, status_view
 from spool.layout import MAX_NAME_BYTES, SpoolLayout
 from spool.reading import plan_file
+from statemachine.durable import write_atomic
 from statemachine.errors import BadConfig, BadInput, ComfyDualError
 from statemachine.job import BATCH_FINAL
-from statemachine.log import LogFiles, fsync_dir
+from statemachine.log import LogFiles
 from statemachine.plan import safe_name
 from statemachine.store import Store, read_records
 from statemachine.timeline import Timeline, build_timeline
@@ -97,23 +98,6 @@ def daemon_pid(lock: Path) -> str | None:
     finally:
         os.close(fd)  # closing drops our lock, if we got it
     return None
-
-
-def publish(data: bytes, tmp: Path, target: Path) -> None:
-    """Write ``tmp``, fsync it, rename it to ``target``, fsync the directory: whoever
-    watches ``target``'s directory sees no file or the whole file."""
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(target.parent)
 
 
 def poll(probe: Callable[[], T | None], timeout: float) -> T | None:
@@ -386,7 +370,7 @@ def spool_file(files: StateFiles, prompt: Prompt, *, force: bool) -> str:
     name = spool_name(prompt.path, uuid.uuid4().hex[:8])
     while (directory / name).exists():
         name = spool_name(prompt.path, uuid.uuid4().hex[:8])
-    publish(prompt.data, files.spool.tmp / name, directory / name)
+    write_atomic(directory / name, prompt.data, tmp=files.spool.tmp / name, make_dirs=True)
     return name
 
 
@@ -488,7 +472,8 @@ def send_command(files: StateFiles, command: str, batch_id: str) -> str:
             "requested_at": time.time()}
     name = f"{command_id}.json"
     commands = files.spool.commands
-    publish(json.dumps(body).encode(), commands / "tmp" / name, commands / name)
+    write_atomic(commands / name, json.dumps(body).encode(), tmp=commands / "tmp" / name,
+                 make_dirs=True)
     return command_id
 
 
@@ -555,8 +540,8 @@ def cmd_report(args: argparse.Namespace, settings: config.Settings, files: State
     now = time.time() if daemon_pid(files.lock) is not None else None
     chart = report.chart(tl, chosen, now)
     out: Path = args.output
-    publish(report.RENDERERS[fmt](chart).encode(),
-            out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"), out)
+    write_atomic(out, report.RENDERERS[fmt](chart).encode(),
+                 tmp=out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"), make_dirs=True)
     print(f"{out}: {report.plural(len(chosen), 'batch')}, "
           f"{report.plural(len(chart.attempts), 'attempt')} on "
           f"{report.plural(len(chart.lanes), 'instance')}, makespan {chart.makespan:.1f} s")

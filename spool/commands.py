@@ -16,7 +16,7 @@ import orjson
 import structlog
 
 from spool.reading import read_prompt_file
-from statemachine.log import write_atomic
+from statemachine.durable import write_atomic
 
 log = structlog.get_logger("comfy_dual.commands")
 

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from statemachine.log import fsync_dir
+from statemachine.durable import fsync_dir
 
 FORCE_DIR = "force"
 REASON_SUFFIX = b".reason"

@@ -16,6 +16,7 @@ from typing import BinaryIO, Protocol
 import orjson
 
 from statemachine import failpoints
+from statemachine.durable import fsync_dir, write_atomic
 from statemachine.errors import LogWriteError
 
 READ_BUFFER = 1 << 20  # bytes read at a time when the log is read through
@@ -37,26 +38,6 @@ class Log(Protocol):
     def commit(self) -> None: ...
     def compact(self, snapshot: bytes, seq: int) -> None: ...
     def load_snapshot(self) -> bytes | None: ...
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a created, renamed or removed name in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """tmp + fsync + rename + directory fsync: readers see the old or the new file, whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 class LogFiles:

@@ -11,9 +11,10 @@ from support import make_plan, run_to_success
 
 import submit
 from statemachine import events as ev
+from statemachine.durable import write_atomic
 from statemachine.errors import CorruptLog
 from statemachine.job import JobState
-from statemachine.log import EventLog, snapshot_bytes, write_atomic
+from statemachine.log import EventLog, snapshot_bytes
 from statemachine.store import Store, read_records
 
 
