@@ -39,8 +39,9 @@ from rich.table import Table
 import config
 from service import report
 from service.status import STATUS_VERSION, BatchViews, status_view
-from spool.layout import MAX_NAME_BYTES, SpoolLayout
+from spool.layout import MAX_NAME_BYTES
 from spool.reading import plan_file
+from statedir import StateDir
 from statemachine.durable import write_atomic
 from statemachine.errors import BadConfig, BadInput, ComfyDualError
 from statemachine.job import BATCH_FINAL
@@ -58,30 +59,6 @@ T = TypeVar("T")
 
 
 # --- the state directory ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class StateFiles:
-    """Where things live under STATE_DIR (DESIGN.md, "Runtime layout")."""
-
-    root: Path
-    spool: SpoolLayout
-
-    @classmethod
-    def under(cls, state_dir: Path) -> StateFiles:
-        return cls(state_dir, SpoolLayout.under(state_dir))
-
-    @property
-    def status(self) -> Path:
-        return self.root / "status.json"
-
-    @property
-    def events(self) -> Path:
-        return self.root / "events.jsonl"
-
-    @property
-    def lock(self) -> Path:
-        return self.root / "daemon.lock"
 
 
 def daemon_pid(lock: Path) -> str | None:
@@ -124,10 +101,10 @@ class LogReader:
     cut) is left out. Nothing is ever written.
     """
 
-    def __init__(self, files: StateFiles) -> None:
-        self.files = LogFiles(files.root, files.events)
+    def __init__(self, state: StateDir) -> None:
+        self.files = LogFiles(state.log_dir, state.events)
         try:
-            self._file = open(files.events, "rb")  # noqa: SIM115 - closed by close()
+            self._file = open(state.events, "rb")  # noqa: SIM115 - closed by close()
         except FileNotFoundError:
             self._file = None
 
@@ -172,9 +149,9 @@ class LogReader:
             self._file.close()
 
 
-def replay_view(settings: config.Settings, files: StateFiles) -> dict[str, Any]:
+def replay_view(settings: config.Settings, state: StateDir) -> dict[str, Any]:
     """The status view rebuilt from the event log, as the daemon would write it."""
-    log = LogReader(files)
+    log = LogReader(state)
     try:
         store = Store.open(log)
     finally:
@@ -182,7 +159,7 @@ def replay_view(settings: config.Settings, files: StateFiles) -> dict[str, Any]:
     for problem in log.problems:
         print(f"warning: {problem}", file=sys.stderr)
     return status_view(store, settings.instances, now=time.time(), daemon=None,
-                       batches=BatchViews(settings.state_dir / "outputs"))
+                       batches=BatchViews(state.outputs))
 
 
 def read_status_file(path: Path) -> dict[str, Any] | None:
@@ -212,12 +189,12 @@ class View:
         return [b["batch_id"] for b in self.data["batches"]]
 
 
-def load_view(settings: config.Settings, files: StateFiles) -> View:
+def load_view(settings: config.Settings, state: StateDir) -> View:
     """The running daemon's ``status.json``, or else a replay of the event log."""
-    pid = daemon_pid(files.lock)
-    data = read_status_file(files.status) if pid is not None else None
+    pid = daemon_pid(state.lock)
+    data = read_status_file(state.status) if pid is not None else None
     if data is None:
-        return View(replay_view(settings, files), pid, replayed=True)
+        return View(replay_view(settings, state), pid, replayed=True)
     return View(data, pid, replayed=False)
 
 
@@ -364,24 +341,24 @@ def spool_name(path: Path, token: str) -> str:
     return stem[: MAX_NAME_BYTES - len(tail.encode())].decode(errors="ignore") + tail
 
 
-def spool_file(files: StateFiles, prompt: Prompt, *, force: bool) -> str:
+def spool_file(state: StateDir, prompt: Prompt, *, force: bool) -> str:
     """Put the file into ``incoming/`` (or ``incoming/force/``) atomically; its new name."""
-    directory = files.spool.force if force else files.spool.incoming
+    directory = state.spool.force if force else state.spool.incoming
     name = spool_name(prompt.path, uuid.uuid4().hex[:8])
     while (directory / name).exists():
         name = spool_name(prompt.path, uuid.uuid4().hex[:8])
-    write_atomic(directory / name, prompt.data, tmp=files.spool.tmp / name, make_dirs=True)
+    write_atomic(directory / name, prompt.data, tmp=state.spool.tmp / name, make_dirs=True)
     return name
 
 
-def intake_outcome(files: StateFiles, name: str) -> tuple[str, str] | None:
+def intake_outcome(state: StateDir, name: str) -> tuple[str, str] | None:
     """("accepted", batch id) or ("rejected", reason) once the daemon has taken ``name``."""
-    reason = files.spool.rejected / f"{name}.reason"
+    reason = state.spool.rejected / f"{name}.reason"
     if reason.exists():
         return "rejected", cut(reason.read_text(errors="replace"), 300) or "no reason given"
     tail = f"-{name}"
     try:
-        entries = os.listdir(files.spool.accepted)
+        entries = os.listdir(state.spool.accepted)
     except FileNotFoundError:
         return None
     return next((("accepted", e[: -len(tail)]) for e in entries
@@ -400,7 +377,7 @@ def report_intake(head: str, outcome: tuple[str, str] | None, wait: float) -> in
     return 0
 
 
-def cmd_submit(args: argparse.Namespace, settings: config.Settings, files: StateFiles) -> int:
+def cmd_submit(args: argparse.Namespace, settings: config.Settings, state: StateDir) -> int:
     """Check every file first: if any is bad, say why and spool none of them."""
     prompts, problems = [], []
     for path in args.files:
@@ -412,8 +389,8 @@ def cmd_submit(args: argparse.Namespace, settings: config.Settings, files: State
         for problem in problems:
             error(problem)
         return 2
-    names = [spool_file(files, p, force=args.force) for p in prompts]
-    running = daemon_pid(files.lock) is not None
+    names = [spool_file(state, p, force=args.force) for p in prompts]
+    running = daemon_pid(state.lock) is not None
     deadline = time.monotonic() + args.wait
     code = 0
     for prompt, name in zip(prompts, names, strict=True):
@@ -421,13 +398,13 @@ def cmd_submit(args: argparse.Namespace, settings: config.Settings, files: State
         if not running:
             print(f"{head}: the daemon is not running; it will take the file when it starts")
             continue
-        outcome = poll(partial(intake_outcome, files, name), deadline - time.monotonic())
+        outcome = poll(partial(intake_outcome, state, name), deadline - time.monotonic())
         code = max(code, report_intake(head, outcome, args.wait))
     return code
 
 
-def cmd_status(args: argparse.Namespace, settings: config.Settings, files: StateFiles) -> int:
-    view = load_view(settings, files)
+def cmd_status(args: argparse.Namespace, settings: config.Settings, state: StateDir) -> int:
+    view = load_view(settings, state)
     if args.json:
         print(json.dumps({**view.data, "source": view.source}))
     else:
@@ -440,10 +417,10 @@ def draw(text: str, tty: bool) -> None:
     print(f"{CLEAR_SCREEN}{text}" if tty else f"{text}\n", flush=True)
 
 
-def watch(settings: config.Settings, files: StateFiles, *, interval: float, tty: bool,
+def watch(settings: config.Settings, state: StateDir, *, interval: float, tty: bool,
           pause: Callable[[float], None] = time.sleep) -> int:
     """Redraw until every batch unfinished at the start has ended: 0 if all are done."""
-    view = load_view(settings, files)
+    view = load_view(settings, state)
     watched = [b for b in view.data["batches"] if b["state"] not in FINAL_STATES]
     ids = {b["batch_id"] for b in watched}
     while True:
@@ -453,7 +430,7 @@ def watch(settings: config.Settings, files: StateFiles, *, interval: float, tty:
         if len(ended) == len(ids):
             break
         pause(interval)
-        view = load_view(settings, files)
+        view = load_view(settings, state)
     if not ids:
         print("no unfinished batch to watch")
     else:
@@ -461,25 +438,25 @@ def watch(settings: config.Settings, files: StateFiles, *, interval: float, tty:
     return 0 if all(state == "done" for state in ended.values()) else 1
 
 
-def cmd_watch(args: argparse.Namespace, settings: config.Settings, files: StateFiles) -> int:
-    return watch(settings, files, interval=args.interval, tty=sys.stdout.isatty())
+def cmd_watch(args: argparse.Namespace, settings: config.Settings, state: StateDir) -> int:
+    return watch(settings, state, interval=args.interval, tty=sys.stdout.isatty())
 
 
-def send_command(files: StateFiles, command: str, batch_id: str) -> str:
+def send_command(state: StateDir, command: str, batch_id: str) -> str:
     """Queue ``command`` for the daemon as ``spool/commands/<id>.json``; returns the id."""
     command_id = uuid.uuid4().hex
     body = {"id": command_id, "command": command, "batch_id": batch_id,
             "requested_at": time.time()}
     name = f"{command_id}.json"
-    commands = files.spool.commands
+    commands = state.spool.commands
     write_atomic(commands / name, json.dumps(body).encode(), tmp=commands / "tmp" / name,
                  make_dirs=True)
     return command_id
 
 
-def command_reply(files: StateFiles, command_id: str) -> dict[str, Any] | None:
+def command_reply(state: StateDir, command_id: str) -> dict[str, Any] | None:
     try:
-        return json.loads((files.spool.commands / "done" / f"{command_id}.json").read_bytes())
+        return json.loads((state.spool.commands / "done" / f"{command_id}.json").read_bytes())
     except (FileNotFoundError, ValueError):
         return None
 
@@ -491,16 +468,16 @@ def check_batch(view: View, batch_id: str) -> None:
         raise BadInput(f"unknown batch {batch_id!r} (known batches: {listed})")
 
 
-def cmd_command(args: argparse.Namespace, settings: config.Settings, files: StateFiles) -> int:
+def cmd_command(args: argparse.Namespace, settings: config.Settings, state: StateDir) -> int:
     """cancel or retry: checked here, carried out by the daemon."""
-    view = load_view(settings, files)
+    view = load_view(settings, state)
     check_batch(view, args.batch_id)
-    command_id = send_command(files, args.command, args.batch_id)
+    command_id = send_command(state, args.command, args.batch_id)
     what = f"{args.command} {args.batch_id}"
     if view.daemon_pid is None:
         print(f"{what}: the daemon is not running; the command will run when it starts")
         return 0
-    reply = poll(partial(command_reply, files, command_id), args.wait)
+    reply = poll(partial(command_reply, state, command_id), args.wait)
     if reply is None:
         print(f"{what}: no answer from the daemon after {args.wait:g} s; the command stays "
               f"queued")
@@ -512,32 +489,32 @@ def cmd_command(args: argparse.Namespace, settings: config.Settings, files: Stat
     return 0
 
 
-def read_timeline(files: StateFiles) -> Timeline:
+def read_timeline(state: StateDir) -> Timeline:
     """The timeline of the batches accepted in the event log, read without writing."""
-    log = LogReader(files)
+    log = LogReader(state)
     try:
         return build_timeline(report.accepted_in(read_records(log)))
     finally:
         log.close()
 
 
-def _first_kept_seq(files: StateFiles) -> int:
+def _first_kept_seq(state: StateDir) -> int:
     """The seq the log's oldest kept line has (1: the whole history is there)."""
-    log = LogReader(files)
+    log = LogReader(state)
     try:
         return next((orjson.loads(line)["seq"] for _, line in log.history()), 1)
     finally:
         log.close()
 
 
-def cmd_report(args: argparse.Namespace, settings: config.Settings, files: StateFiles) -> int:
+def cmd_report(args: argparse.Namespace, settings: config.Settings, state: StateDir) -> int:
     """Draw the timeline of the batches asked for (all by default) into ``args.output``."""
     fmt = report.output_format(args.output)
     if args.all and args.batch_ids:
         raise BadInput("name batches or give --all, not both")
-    tl = read_timeline(files)
+    tl = read_timeline(state)
     chosen = report.select_batches(tl, args.batch_ids)
-    now = time.time() if daemon_pid(files.lock) is not None else None
+    now = time.time() if daemon_pid(state.lock) is not None else None
     chart = report.chart(tl, chosen, now)
     out: Path = args.output
     write_atomic(out, report.RENDERERS[fmt](chart).encode(),
@@ -545,7 +522,7 @@ def cmd_report(args: argparse.Namespace, settings: config.Settings, files: State
     print(f"{out}: {report.plural(len(chosen), 'batch')}, "
           f"{report.plural(len(chart.attempts), 'attempt')} on "
           f"{report.plural(len(chart.lanes), 'instance')}, makespan {chart.makespan:.1f} s")
-    if _first_kept_seq(files) > 1:
+    if _first_kept_seq(state) > 1:
         print("note: the event log no longer holds its oldest events (compacted before "
               "segments, or removed by LOG_RETENTION); the "
               "batches they held are not shown", file=sys.stderr)
@@ -614,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         settings = config.settings_from_args(args)
-        return args.run(args, settings, StateFiles.under(settings.state_dir))
+        return args.run(args, settings, StateDir(settings.state_dir))
     except (BadConfig, BadInput) as exc:
         error(str(exc))
         return 2

@@ -24,7 +24,7 @@ MAX_NAME_BYTES = 200
 
 @dataclass(frozen=True, slots=True)
 class SpoolLayout:
-    """The spool's directories under ``STATE_DIR/spool`` (see DESIGN.md "Runtime layout").
+    """The spool's directories under ``STATE_DIR/spool``: ``statedir.StateDir.spool``.
 
     Writers create a file in ``tmp/`` and rename it into ``incoming/`` (or
     ``incoming/force/`` to skip the duplicate check): all of it is one file system, so the

@@ -21,6 +21,12 @@ from statemachine.errors import LogWriteError
 
 READ_BUFFER = 1 << 20  # bytes read at a time when the log is read through
 
+# The names in a log directory (``LogFiles`` describes them).
+LIVE_SEGMENT = "events.jsonl"
+SEGMENT_DIR = "segments"
+SNAPSHOT_DIR = "snapshots"
+LEGACY_SNAPSHOT = "snapshot.json"
+
 
 class Log(Protocol):
     """What the store needs from a log. ``append`` buffers; ``commit`` makes it durable.
@@ -63,8 +69,8 @@ class LogFiles:
     def __init__(self, directory: Path, live: Path) -> None:
         self.directory = directory
         self.live = live
-        self.snapshot_dir = directory / "snapshots"
-        self.segment_dir = directory / "segments"
+        self.snapshot_dir = directory / SNAPSHOT_DIR
+        self.segment_dir = directory / SEGMENT_DIR
         self.problems: list[str] = []  # snapshots skipped, and why
         self.snapshot_seq = 0  # of the snapshot ``load_snapshot`` returned (0: none)
         self._spans: list[tuple[int, str]] = []  # (first line number, file) as read
@@ -74,7 +80,7 @@ class LogFiles:
     def snapshots(self) -> list[tuple[int, Path]]:
         """(seq, path) of each snapshot, newest first; the legacy one last."""
         found = sorted(_numbered(self.snapshot_dir, "snapshot-", ".json"), reverse=True)
-        legacy = self.directory / "snapshot.json"
+        legacy = self.directory / LEGACY_SNAPSHOT
         return found + ([(-1, legacy)] if legacy.exists() else [])
 
     def segments(self) -> list[tuple[int, Path]]:
@@ -220,7 +226,7 @@ class EventLog:
     n newest snapshots and only the segments after the oldest of them.
     """
 
-    def __init__(self, directory: Path, name: str = "events.jsonl", *,
+    def __init__(self, directory: Path, name: str = LIVE_SEGMENT, *,
                  retention: int = 0) -> None:
         self.path = directory / name
         self.directory = directory
@@ -343,7 +349,7 @@ class EventLog:
         keep = max(self.retention, 2)
         for _, path in snapshots[keep:]:
             path.unlink(missing_ok=True)
-        legacy = self.directory / "snapshot.json"
+        legacy = self.directory / LEGACY_SNAPSHOT
         if len(snapshots) >= 2:
             legacy.unlink(missing_ok=True)  # two newer ones stand in for it
         if self.retention and len(snapshots) >= keep:
