@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 from rich.console import Console
@@ -39,6 +39,7 @@ from rich.table import Table
 import config
 from service import report
 from service.status import STATUS_VERSION, BatchViews, status_view
+from spool import commands
 from spool.layout import MAX_NAME_BYTES
 from spool.reading import plan_file
 from statedir import StateDir
@@ -50,13 +51,9 @@ from statemachine.plan import safe_name
 from statemachine.store import Store, read_records
 from statemachine.timeline import Timeline, build_timeline
 
-POLL_SECONDS = 0.05
 STALE_AFTER = 10.0  # seconds: the daemon rewrites status.json every 0.5 s
 FINAL_STATES = frozenset(state.value for state in BATCH_FINAL)
 CLEAR_SCREEN = "\x1b[H\x1b[J"
-
-T = TypeVar("T")
-
 
 # --- the state directory ------------------------------------------------------------------
 
@@ -75,16 +72,6 @@ def daemon_pid(lock: Path) -> str | None:
     finally:
         os.close(fd)  # closing drops our lock, if we got it
     return None
-
-
-def poll(probe: Callable[[], T | None], timeout: float) -> T | None:
-    """Call ``probe`` until it returns something or ``timeout`` seconds have passed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = probe()
-        if found is not None or time.monotonic() >= deadline:
-            return found
-        time.sleep(POLL_SECONDS)
 
 
 # --- reading the state without writing it -------------------------------------------------
@@ -398,7 +385,8 @@ def cmd_submit(args: argparse.Namespace, settings: config.Settings, state: State
         if not running:
             print(f"{head}: the daemon is not running; it will take the file when it starts")
             continue
-        outcome = poll(partial(intake_outcome, state, name), deadline - time.monotonic())
+        outcome = commands.poll(partial(intake_outcome, state, name),
+                                deadline - time.monotonic())
         code = max(code, report_intake(head, outcome, args.wait))
     return code
 
@@ -442,25 +430,6 @@ def cmd_watch(args: argparse.Namespace, settings: config.Settings, state: StateD
     return watch(settings, state, interval=args.interval, tty=sys.stdout.isatty())
 
 
-def send_command(state: StateDir, command: str, batch_id: str) -> str:
-    """Queue ``command`` for the daemon as ``spool/commands/<id>.json``; returns the id."""
-    command_id = uuid.uuid4().hex
-    body = {"id": command_id, "command": command, "batch_id": batch_id,
-            "requested_at": time.time()}
-    name = f"{command_id}.json"
-    commands = state.spool.commands
-    write_atomic(commands / name, json.dumps(body).encode(), tmp=commands / "tmp" / name,
-                 make_dirs=True)
-    return command_id
-
-
-def command_reply(state: StateDir, command_id: str) -> dict[str, Any] | None:
-    try:
-        return json.loads((state.spool.commands / "done" / f"{command_id}.json").read_bytes())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
 def check_batch(view: View, batch_id: str) -> None:
     known = view.batch_ids()
     if batch_id not in known:
@@ -472,20 +441,20 @@ def cmd_command(args: argparse.Namespace, settings: config.Settings, state: Stat
     """cancel or retry: checked here, carried out by the daemon."""
     view = load_view(settings, state)
     check_batch(view, args.batch_id)
-    command_id = send_command(state, args.command, args.batch_id)
+    command_id = commands.send(state.spool.commands, args.command, args.batch_id)
     what = f"{args.command} {args.batch_id}"
     if view.daemon_pid is None:
         print(f"{what}: the daemon is not running; the command will run when it starts")
         return 0
-    reply = poll(partial(command_reply, state, command_id), args.wait)
+    reply = commands.wait_for_reply(state.spool.commands, command_id, args.wait)
     if reply is None:
         print(f"{what}: no answer from the daemon after {args.wait:g} s; the command stays "
               f"queued")
         return 0
-    if not reply.get("ok"):
-        error(f"{what}: {reply.get('message') or 'refused by the daemon'}")
+    if not reply.ok:
+        error(f"{what}: {reply.message or 'refused by the daemon'}")
         return 1
-    print(f"{what}: {reply.get('message') or 'done'}")
+    print(f"{what}: {reply.message or 'done'}")
     return 0
 
 

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from spool import commands
 from statemachine.durable import fsync_dir
 
 FORCE_DIR = "force"
@@ -75,7 +76,7 @@ class SpoolLayout:
         older_than``; returns the removed paths, for the log. A file being written now is
         younger than that and stays."""
         removed: list[str] = []
-        for directory in (self.tmp, self.commands / "tmp"):
+        for directory in (self.tmp, self.commands / commands.TMP_DIR):
             try:
                 entries = list(os.scandir(directory))
             except FileNotFoundError:
