@@ -25,7 +25,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -46,7 +46,7 @@ from statedir import StateDir
 from statemachine.durable import write_atomic
 from statemachine.errors import BadConfig, BadInput, ComfyDualError
 from statemachine.job import BATCH_FINAL
-from statemachine.log import LogFiles
+from statemachine.log import LogReader
 from statemachine.plan import safe_name
 from statemachine.store import Store, read_records
 from statemachine.timeline import Timeline, build_timeline
@@ -77,68 +77,9 @@ def daemon_pid(lock: Path) -> str | None:
 # --- reading the state without writing it -------------------------------------------------
 
 
-class LogReader:
-    """The event log's directory (snapshots, segments and the live segment) as a
-    read-only ``statemachine.log.Log``, read by the same ``LogFiles`` as the daemon's.
-
-    The live segment is opened before anything is listed: a snapshot taken meanwhile
-    renames that file into ``segments/``, where it is known by its inode and read once
-    (as the open file), and the newer snapshot and segments still replay consistently. A
-    last line without its newline (a write in progress, or a torn tail the daemon will
-    cut) is left out. Nothing is ever written.
-    """
-
-    def __init__(self, state: StateDir) -> None:
-        self.files = LogFiles(state.log_dir, state.events)
-        try:
-            self._file = open(state.events, "rb")  # noqa: SIM115 - closed by close()
-        except FileNotFoundError:
-            self._file = None
-
-    @property
-    def problems(self) -> list[str]:
-        return self.files.problems
-
-    def lines(self) -> Iterator[tuple[int, bytes]]:
-        return self._whole(self.files.lines(self._live()))
-
-    def history(self) -> Iterator[tuple[int, bytes]]:
-        return self._whole(self.files.history(self._live()))
-
-    def _live(self) -> Any:
-        if self._file is not None:
-            self._file.seek(0)
-        return self._file  # None: there was none; read it if it appeared since
-
-    @staticmethod
-    def _whole(lines: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
-        for number, line in lines:
-            if line.endswith(b"\n"):
-                yield number, line
-
-    def locate(self, line_no: int) -> str:
-        return self.files.locate(line_no)
-
-    def load_snapshot(self) -> bytes | None:
-        return self.files.load_snapshot()
-
-    def append(self, line: bytes) -> None:
-        raise PermissionError("submit.py never writes the event log")
-
-    def commit(self) -> None:
-        raise PermissionError("submit.py never writes the event log")
-
-    def compact(self, snapshot: bytes, seq: int) -> None:
-        raise PermissionError("submit.py never writes the event log")
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-
-
 def replay_view(settings: config.Settings, state: StateDir) -> dict[str, Any]:
     """The status view rebuilt from the event log, as the daemon would write it."""
-    log = LogReader(state)
+    log = LogReader(state.log_dir)
     try:
         store = Store.open(log)
     finally:
@@ -460,7 +401,7 @@ def cmd_command(args: argparse.Namespace, settings: config.Settings, state: Stat
 
 def read_timeline(state: StateDir) -> Timeline:
     """The timeline of the batches accepted in the event log, read without writing."""
-    log = LogReader(state)
+    log = LogReader(state.log_dir)
     try:
         return build_timeline(report.accepted_in(read_records(log)))
     finally:
@@ -469,7 +410,7 @@ def read_timeline(state: StateDir) -> Timeline:
 
 def _first_kept_seq(state: StateDir) -> int:
     """The seq the log's oldest kept line has (1: the whole history is there)."""
-    log = LogReader(state)
+    log = LogReader(state.log_dir)
     try:
         return next((orjson.loads(line)["seq"] for _, line in log.history()), 1)
     finally:

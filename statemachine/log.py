@@ -47,8 +47,8 @@ class Log(Protocol):
 
 
 class LogFiles:
-    """The read side of a log directory, shared by the daemon's ``EventLog`` and
-    ``submit.py``'s read-only reader::
+    """The read side of a log directory, shared by the daemon's ``EventLog`` and the
+    read-only ``LogReader``::
 
         events.jsonl                      the live segment (appended to)
         segments/events-<first seq>.jsonl older segments, closed at a snapshot
@@ -362,6 +362,67 @@ class EventLog:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+class LogReader:
+    """A log directory (snapshots, segments and the live segment) as a read-only ``Log``,
+    read by the same ``LogFiles`` as ``EventLog``: ``submit.py`` replays the daemon's log
+    with it, whether the daemon runs or not.
+
+    The live segment is opened before anything is listed: a snapshot taken meanwhile
+    renames that file into ``segments/``, where it is known by its inode and read once
+    (as the open file), and the newer snapshot and segments still replay consistently. A
+    last line without its newline (a write in progress, or a torn tail the daemon will
+    cut) is left out. Nothing is ever written: ``append``, ``commit`` and ``compact``
+    raise PermissionError.
+    """
+
+    def __init__(self, directory: Path, name: str = LIVE_SEGMENT) -> None:
+        self.files = LogFiles(directory, directory / name)
+        try:
+            self._file = open(self.files.live, "rb")  # noqa: SIM115 - closed by close()
+        except FileNotFoundError:
+            self._file = None
+
+    @property
+    def problems(self) -> list[str]:
+        return self.files.problems
+
+    def lines(self) -> Iterator[tuple[int, bytes]]:
+        return self._whole(self.files.lines(self._live()))
+
+    def history(self) -> Iterator[tuple[int, bytes]]:
+        return self._whole(self.files.history(self._live()))
+
+    def _live(self) -> BinaryIO | None:
+        if self._file is not None:
+            self._file.seek(0)
+        return self._file  # None: there was none; read it if it appeared since
+
+    @staticmethod
+    def _whole(lines: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
+        for number, line in lines:
+            if line.endswith(b"\n"):
+                yield number, line
+
+    def locate(self, line_no: int) -> str:
+        return self.files.locate(line_no)
+
+    def load_snapshot(self) -> bytes | None:
+        return self.files.load_snapshot()
+
+    def append(self, line: bytes) -> None:
+        raise PermissionError("a LogReader never writes the event log")
+
+    def commit(self) -> None:
+        raise PermissionError("a LogReader never writes the event log")
+
+    def compact(self, snapshot: bytes, seq: int) -> None:
+        raise PermissionError("a LogReader never writes the event log")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
 
 
 def _last_seq(path: Path) -> int:

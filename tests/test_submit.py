@@ -24,7 +24,7 @@ from spool.commands import pending_commands, reply
 from spool.layout import MAX_NAME_BYTES
 from statedir import StateDir
 from statemachine import events as ev
-from statemachine.log import EventLog, MemoryLog
+from statemachine.log import EventLog, LogReader, MemoryLog
 from statemachine.store import Store
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -317,7 +317,7 @@ def test_status_with_a_daemon_but_no_status_file_yet_replays(capsys, state, daem
 def test_replay_stays_whole_when_the_daemon_compacts_between_log_and_snapshot(state):
     """The reader holds the old log open; the snapshot it then reads is newer: consistent."""
     write_log(state)
-    reader = submit.LogReader(StateDir(state))
+    reader = LogReader(state)
     log = EventLog(state)
     store = Store.open(log)
     store.record(ev.BatchAccepted(make_plan("b0004")), now=5.0)
