@@ -35,7 +35,11 @@ class Log(Protocol):
     ``lines`` are then the committed lines that may follow it, ``history`` every line the
     log still keeps (for reports), and ``locate`` names where a line number of either is.
     ``compact(snapshot, seq)`` makes a snapshot of everything up to ``seq`` durable and
-    starts a new segment."""
+    starts a new segment.
+
+    Implemented by ``EventLog`` (on disk), ``LogReader`` (read-only: writes raise
+    PermissionError), ``MemoryLog`` and ``service.metrics.MeteredLog`` (a wrapper);
+    tests/test_log_contract.py runs the same tests against each."""
 
     def lines(self) -> Iterator[tuple[int, bytes]]: ...
     def history(self) -> Iterator[tuple[int, bytes]]: ...
