@@ -40,6 +40,7 @@ from spool.intake import Spool
 from spool.layout import SpoolLayout
 from spool.reading import plan_file
 from spool.watcher import SpoolWatcher
+from statedir import StateDir
 from statemachine.errors import BadConfig, BadInput, ComfyDualError, LogWriteError
 from statemachine.log import EventLog
 from statemachine.plan import JobKind
@@ -105,8 +106,9 @@ class Stop:
 @contextlib.contextmanager
 def opened(settings: config.Settings, **loop_options: object) -> Iterator[Loop]:
     """The state directory locked and replayed, agents running, a loop ready to turn."""
-    with StateLock(settings.state_dir / "daemon.lock"):
-        event_log = EventLog(settings.state_dir, retention=settings.log_retention)
+    state = StateDir(settings.state_dir)
+    with StateLock(state.lock):
+        event_log = EventLog(state.log_dir, retention=settings.log_retention)
         if event_log.repaired_bytes:
             log.warning("✂️ cut a torn last line off the event log (a crash mid-write)",
                         bytes=event_log.repaired_bytes)
@@ -124,7 +126,7 @@ def opened(settings: config.Settings, **loop_options: object) -> Iterator[Loop]:
             workflows=[wf for kind, wf in workflows.items() if i.accepts(kind)])
             for i in settings.instances}
         loop = Loop(settings, store, agents, workflows, inbox=inbox,
-                    status_path=settings.state_dir / "status.json",
+                    status_path=state.status,
                     daemon_info={"pid": os.getpid(), "started_at": time.time()},
                     **loop_options)
         try:
@@ -158,7 +160,7 @@ def run_files(settings: config.Settings, files: Sequence[Path], stop: Stop, *,
 
 def serve(settings: config.Settings, stop: Stop, notifier: Notifier) -> int:
     """Service mode: render whatever arrives in the spool until SIGTERM."""
-    layout = SpoolLayout.under(settings.state_dir)
+    layout = StateDir(settings.state_dir).spool
     layout.create()
     for path in layout.sweep_tmp(time.time()):
         log.info("🧹 removed a file a writer left unfinished in the spool", file=path)
@@ -268,7 +270,7 @@ def dry_run(settings: config.Settings, files: Sequence[Path],
     problems = [p for w in workflows.values() for p in w.check(object_info, server=server)]
     for problem in problems:
         print(f"workflow problem: {problem}", file=sys.stderr)
-    out = settings.state_dir / "dry-run"
+    out = StateDir(settings.state_dir).dry_run
     refused = False
     for n, path in enumerate(files, start=1):
         try:
@@ -374,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:
             print(f"comfy-dual: cannot write the dry run: {exc}", file=sys.stderr)
             return 1
-    setup_logging(settings.state_dir / "logs", verbose=args.verbose)
+    setup_logging(StateDir(settings.state_dir).logs, verbose=args.verbose)
     stop = Stop()
     stop.install()
     try:
@@ -407,7 +409,7 @@ def one_shot(args: argparse.Namespace, settings: config.Settings,
     if args.compare_single and args.simulate and settings.enable_dual_instance and not stop():
         single = config.load_settings(args.config, {
             "ENABLE_DUAL_INSTANCE": False, "WEB_ADDRESS": "",
-            "STATE_DIR": str(settings.state_dir / "single-instance-comparison")})
+            "STATE_DIR": str(StateDir(settings.state_dir).single_instance_comparison)})
         with simulated(single, durations):
             alone = run_files(single, args.files, stop, force=args.force)
         print(f"\nSame files on one server: makespan {alone.makespan:.1f} s; with "

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from instances.sim_worker import read_ledger  # noqa: E402
 from service.status import status_view  # noqa: E402
+from statedir import StateDir  # noqa: E402
 from statemachine import events as ev  # noqa: E402
 from statemachine.log import EventLog  # noqa: E402
 from statemachine.store import Store, read_records  # noqa: E402
@@ -164,7 +165,7 @@ def verify(work: Path, sims: list[SimProcess], kills: int, server_kills: int,
     """Judge the run from the servers' ledgers and a replay of the event log."""
     runs = sorted((dict(r, server=sim.name) for sim in sims for r in read_ledger(sim.ledger)),
                   key=lambda r: r["start"])
-    store = Store.open(EventLog(work / "state"))
+    store = Store.open(EventLog(StateDir(work / "state").log_dir))
     successes = defaultdict(list)
     for run in runs:
         if run["status"] == "success":

@@ -84,6 +84,7 @@ if str(ROOT) not in sys.path:
 import config
 import daemon
 from service.logs import setup_logging
+from statedir import StateDir
 from statemachine.log import EventLog
 from statemachine.plan import BatchPlan, JobKind
 from statemachine.planner import plan_prompt_file
@@ -192,7 +193,7 @@ def bench_settings(state_dir: Path, ports: Sequence[int], policy: Policy,
         "STATE_DIR": str(state_dir), "ENABLE_DUAL_INSTANCE": policy.dual,
         "COMBINE_GATE": policy.gate,
         "COMFYUI_INSTANCES": instances, "SINGLE_INSTANCE_CONFIG": single,
-        "ARTIFACT_TRANSFER": "path", "ARTIFACT_DIR": str(state_dir / "artifacts"),
+        "ARTIFACT_TRANSFER": "path", "ARTIFACT_DIR": str(StateDir(state_dir).artifacts),
         **(extra or {})})
 
 
@@ -245,7 +246,7 @@ def run(bench: Bench, workload: Workload, policy: Policy, files: Sequence[Path],
     state = bench.work / f"{workload.name}-{policy.name}"
     count = len(workload.layout) if policy.dual else 1
     with simulators(count, workload.seconds(bench.unit), workload.switch_cost * bench.unit,
-                    state / "artifacts") as ports:
+                    StateDir(state).artifacts) as ports:
         settings = bench_settings(state, ports, policy, extra=bench.extra,
                                   layout=workload.layout)
         stop = daemon.Stop()
@@ -255,7 +256,7 @@ def run(bench: Bench, workload: Workload, policy: Policy, files: Sequence[Path],
             result = daemon.run_files(settings, files, stop)
         finally:
             limit.cancel()
-    log = EventLog(state)
+    log = EventLog(StateDir(state).log_dir)
     try:
         tl = build_timeline(read_records(log))
     finally:

@@ -47,6 +47,7 @@ from service.timeouts import Timeouts
 from service.tracking import Tracker
 from spool.intake import Spool
 from spool.watcher import SpoolHint
+from statedir import StateDir
 from statemachine import events as ev
 from statemachine import failpoints
 from statemachine.job import BATCH_FINAL
@@ -71,7 +72,7 @@ class Loop:
         self.agents = agents
         self.clock = clock
         self.inbox: queue.SimpleQueue[object] = inbox or queue.SimpleQueue()
-        self.outputs_dir = Path(settings.state_dir) / "outputs"
+        self.outputs_dir = StateDir(settings.state_dir).outputs
         self._effects: list[Effect] = []
         self._received: list[object] = []
         self._resumed = False
