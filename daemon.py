@@ -223,7 +223,7 @@ def _running(agents: Iterator[InstanceAgent] | Sequence[InstanceAgent]) -> Itera
 def simulated(settings: config.Settings, durations: dict[str, float]) -> Iterator[None]:
     """Simulated ComfyUI servers on the configured (loopback) ports; with
     ARTIFACT_TRANSFER = "path" they share ARTIFACT_DIR as their output directory."""
-    from instances.simulator import PROGRESS_NODES, SimConfig, start_simulator  # aiohttp:
+    from simulator import PROGRESS_NODES, SimConfig, start_simulator  # aiohttp:
     # loaded only when a simulator is asked for, not by the production daemon
 
     for i in settings.instances:

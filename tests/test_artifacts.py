@@ -34,8 +34,8 @@ from instances.artifacts import (
     save_files,
     unwritten_artifacts,
 )
-from instances.simulator import SimConfig, start_simulator
 from instances.workflow import load_workflow
+from simulator import SimConfig, start_simulator
 from statemachine import events as ev
 from statemachine.errors import BadConfig, InstanceUnreachable, TransientDispatchError
 from statemachine.log import EventLog, MemoryLog

@@ -12,7 +12,6 @@ import pytest
 import config
 import daemon
 from instances.client import ComfyClient
-from instances.simulator import start_simulator
 from instances.workflow import (
     Workflow,
     bindings_path,
@@ -20,6 +19,7 @@ from instances.workflow import (
     load_workflow,
     render,
 )
+from simulator import start_simulator
 from statemachine.errors import BadConfig
 
 REPO = Path(__file__).resolve().parent.parent

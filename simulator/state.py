@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from instances.sim_config import QueueItemShape
+from simulator.config import QueueItemShape
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 
-from instances.sim_config import FaultSwitch, SimConfig
-from instances.sim_files import SimFiles
-from instances.sim_graph import NodeCatalog, check_structure, validate_prompt
-from instances.sim_state import Hub, Number, PromptQueue, QueueItem
-from instances.sim_worker import Ledger, Worker, WorkerContext, now_ms
+from simulator.config import FaultSwitch, SimConfig
+from simulator.files import SimFiles
+from simulator.graph import NodeCatalog, check_structure, validate_prompt
+from simulator.state import Hub, Number, PromptQueue, QueueItem
+from simulator.worker import Ledger, Worker, WorkerContext, now_ms
 from statemachine.errors import BadConfig
 
 log = logging.getLogger(__name__)

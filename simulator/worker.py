@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from instances.sim_config import Faults, JobTag, SimConfig
-from instances.sim_files import OUTPUT_KINDS, SaveOutsideOutput, SimFiles, looks_like_image
-from instances.sim_graph import NodeCatalog, execution_order
-from instances.sim_state import Hub, PromptQueue, QueueItem
+from simulator.config import Faults, JobTag, SimConfig
+from simulator.files import OUTPUT_KINDS, SaveOutsideOutput, SimFiles, looks_like_image
+from simulator.graph import NodeCatalog, execution_order
+from simulator.state import Hub, PromptQueue, QueueItem
 
 IMAGE_LOADERS = frozenset({"LoadImage", "LoadImageMask"})
 

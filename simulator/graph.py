@@ -1,6 +1,6 @@
 """Node catalog and prompt validation of the ComfyUI simulator.
 
-The catalog is the ``/object_info`` of a real server (``data/object_info.json``).
+The catalog is the ``/object_info`` of a real server (``instances/data/object_info.json``).
 Validation follows ComfyUI's ``validate_prompt``/``validate_inputs`` step by step so the
 400 answers carry the same error types, messages and nesting as the recorded ones.
 """
@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-OBJECT_INFO_PATH = Path(__file__).parent / "data" / "object_info.json"
+OBJECT_INFO_PATH = (Path(__file__).resolve().parent.parent / "instances" / "data"
+                    / "object_info.json")
 
 # (class_type, input) -> kind of file that input names in the input directory.
 INPUT_FILE_INPUTS: Mapping[tuple[str, str], str] = {
