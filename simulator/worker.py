@@ -25,7 +25,8 @@ from typing import Any
 from simulator.config import Faults, JobTag, SimConfig
 from simulator.files import OUTPUT_KINDS, SaveOutsideOutput, SimFiles, looks_like_image
 from simulator.graph import NodeCatalog, execution_order
-from simulator.state import Hub, PromptQueue, QueueItem
+from simulator.sockets import Hub
+from simulator.state import PromptQueue, QueueItem
 
 IMAGE_LOADERS = frozenset({"LoadImage", "LoadImageMask"})
 
@@ -165,14 +166,14 @@ class Worker:
 
     async def _execute(self, run: JobRun, index: int) -> None:
         try:
-            await self._ctx.hub.status(self._ctx.queue)
+            await self._ctx.hub.status()
             status = await run.run()
         except asyncio.CancelledError:
             self._ctx.ledger.end(index, "lost")
             raise
         self._ctx.ledger.end(index, status)
         self._ctx.queue.finish(run.item, run.history_entry())
-        await self._ctx.hub.status(self._ctx.queue)
+        await self._ctx.hub.status()
         await run.send("executing", {"node": None, "prompt_id": run.item.prompt_id})
 
     def _plan(self, item: QueueItem, tag: JobTag, switch_cost: float) -> JobPlan:
