@@ -17,6 +17,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,14 +74,9 @@ class Ledger:
             return copy.deepcopy(self._runs)
 
     def counts(self) -> dict[str, int]:
-        return count_by_prompt(self.executions())
-
-
-def count_by_prompt(runs: list[dict[str, Any]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for run in runs:
-        counts[run["prompt_id"]] = counts.get(run["prompt_id"], 0) + 1
-    return counts
+        """How many times each prompt_id started, in order of first start."""
+        with self._lock:
+            return dict(Counter(run["prompt_id"] for run in self._runs))
 
 
 def read_ledger(path: Path) -> list[dict[str, Any]]:
