@@ -66,8 +66,7 @@ def _config(args: argparse.Namespace) -> SimConfig:
 
 async def _serve(config: SimConfig, args: argparse.Namespace, root: Path) -> None:
     """Serve until SIGTERM or SIGINT; the handlers only set the stop event."""
-    files = SimFiles(args.input_dir or root / "input", args.output_dir or root / "output",
-                     root / "temp")
+    files = SimFiles.in_scratch(root, args.input_dir, args.output_dir)
     server = SimServer(config, files, Ledger(args.ledger), FaultSwitch(config.faults))
     port = await server.open(args.host, args.port)
     stop = asyncio.Event()

@@ -83,10 +83,7 @@ class SimulatorHandle:
         self._life: _Life | None = None
 
     def _files(self) -> SimFiles:
-        input_dir, output_dir = self._given
-        root = self._scratch.path
-        return SimFiles(input_dir or root / "input", output_dir or root / "output",
-                        root / "temp")
+        return SimFiles.in_scratch(self._scratch.path, *self._given)
 
     @property
     def url(self) -> str:
