@@ -28,7 +28,7 @@ import structlog
 
 import config
 from instances.agent import InstanceAgent
-from instances.workflow import Workflow, load_workflow
+from instances.workflow import STOCK_OBJECT_INFO, Workflow, load_workflow
 from service.intake import SubmitFile
 from service.lock import StateLock
 from service.logs import setup_logging
@@ -50,7 +50,6 @@ from statemachine.timeline import build_timeline
 log = structlog.get_logger("comfy_dual.daemon")
 
 PROJECT_DIR = Path(__file__).resolve().parent
-OBJECT_INFO = PROJECT_DIR / "instances" / "data" / "object_info.json"
 DEMO_DURATIONS = {"HIGH": 0.35, "LOW": 0.35, "COMBINE": 0.08}
 # The demo workflows' stand-ins for samplers: the simulator reports progress for them.
 DEMO_PROGRESS_NODES = frozenset({"EmptyLatentImage", "ImageBlur", "CreateVideo"})
@@ -227,7 +226,7 @@ def _running(agents: Iterator[InstanceAgent] | Sequence[InstanceAgent]) -> Itera
 def simulated(settings: config.Settings, durations: dict[str, float]) -> Iterator[None]:
     """Simulated ComfyUI servers on the configured (loopback) ports; with
     ARTIFACT_TRANSFER = "path" they share ARTIFACT_DIR as their output directory."""
-    from instances.simulator import PROGRESS_NODES, SimConfig, start_simulator  # aiohttp:
+    from simulator import PROGRESS_NODES, SimConfig, start_simulator  # aiohttp:
     # loaded only when a simulator is asked for, not by the production daemon
 
     for i in settings.instances:
@@ -261,7 +260,7 @@ def dry_run(settings: config.Settings, files: Sequence[Path],
     workflows against a saved ``/object_info`` (default: a stock ComfyUI's). Contacts no
     server; input files other jobs write keep their planned names."""
     workflows = load_workflows(settings)
-    source = object_info_file or OBJECT_INFO
+    source = object_info_file or STOCK_OBJECT_INFO
     try:
         object_info = json.loads(source.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

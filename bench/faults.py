@@ -48,8 +48,8 @@ if str(ROOT) not in sys.path:
 import config
 import daemon
 from instances.client import ComfyClient
-from instances.simulator import SimConfig, SimulatorHandle, start_simulator
 from service.logs import setup_logging
+from simulator import SimConfig, SimulatorHandle, start_simulator
 from statedir import StateDir
 from statemachine.log import EventLog
 from statemachine.store import read_records

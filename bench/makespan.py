@@ -161,7 +161,7 @@ def simulators(count: int, durations: Mapping[str, float], switch_cost: float,
     ports = [free_port() for _ in range(count)]
     try:
         for port in ports:
-            args = [sys.executable, "-m", "instances.simulator", "--port", str(port),
+            args = [sys.executable, "-m", "simulator", "--port", str(port),
                     "--switch-cost", str(switch_cost), "--output-dir", str(output_dir),
                     *(f"--duration={k}={v}" for k, v in durations.items())]
             proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE,

@@ -14,7 +14,7 @@ from support import wait_for
 from instances.agent import InstanceAgent
 from instances.client import JobOutcome, StreamEvent
 from instances.messages import Finished, Health
-from instances.simulator import SimConfig, start_simulator
+from simulator import SimConfig, start_simulator
 
 GRAPH = {"1": {"class_type": "EmptyImage",
                "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 7}},

@@ -35,8 +35,8 @@ from instances.artifacts import (
     unwritten_artifacts,
 )
 from instances.messages import Health, Validated
-from instances.simulator import SimConfig, start_simulator
 from instances.workflow import load_workflow
+from simulator import SimConfig, start_simulator
 from statemachine import events as ev
 from statemachine.errors import (
     BadConfig,

@@ -34,8 +34,8 @@ from instances.client import (
     rejection_text,
     ws_url,
 )
-from instances.simulator import SimConfig, SimulatorHandle, start_simulator
 from instances.workflow import load_workflow
+from simulator import SimConfig, SimulatorHandle, start_simulator
 from statemachine.errors import (
     BadConfig,
     InstanceTrouble,
