@@ -35,6 +35,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NoReturn
 
+from statedir import StateDir
 from statemachine.errors import BadConfig
 from statemachine.plan import JobKind
 from statemachine.planner import MIN_FRAMES_PER_CHUNK, SIZE_RULE, valid_size
@@ -498,7 +499,7 @@ def _settings(values: Mapping[str, Any]) -> Settings:
     plain = {key.lower(): value for key, value in values.items()
              if key not in ("COMFYUI_INSTANCES", "SINGLE_INSTANCE_CONFIG")}
     if plain["artifact_dir"] is None:
-        plain["artifact_dir"] = values["STATE_DIR"] / "artifacts"
+        plain["artifact_dir"] = StateDir(values["STATE_DIR"]).artifacts
     return Settings(instances=instances, **plain)
 
 

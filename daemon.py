@@ -28,11 +28,11 @@ import structlog
 
 import config
 from instances.agent import InstanceAgent
-from instances.workflow import Workflow, load_workflow
-from service.intake import Intake
+from instances.workflow import STOCK_OBJECT_INFO, Workflow, load_workflow
+from service.intake import SubmitFile
 from service.lock import StateLock
 from service.logs import setup_logging
-from service.loop import Loop, SubmitFile
+from service.loop import Loop
 from service.notify import Notifier
 from service.summary import figures, render_summary
 from service.web import StatusWeb
@@ -40,6 +40,7 @@ from spool.intake import Spool
 from spool.layout import SpoolLayout
 from spool.reading import plan_file
 from spool.watcher import SpoolWatcher
+from statedir import StateDir
 from statemachine.errors import BadConfig, BadInput, ComfyDualError, LogWriteError
 from statemachine.log import EventLog
 from statemachine.plan import JobKind
@@ -50,7 +51,6 @@ from statemachine.timeline import build_timeline
 log = structlog.get_logger("comfy_dual.daemon")
 
 PROJECT_DIR = Path(__file__).resolve().parent
-OBJECT_INFO = PROJECT_DIR / "instances" / "data" / "object_info.json"
 DEMO_DURATIONS = {"HIGH": 0.35, "LOW": 0.35, "COMBINE": 0.08}
 # The demo workflows' stand-ins for samplers: the simulator reports progress for them.
 DEMO_PROGRESS_NODES = frozenset({"EmptyLatentImage", "ImageBlur", "CreateVideo"})
@@ -106,8 +106,9 @@ class Stop:
 @contextlib.contextmanager
 def opened(settings: config.Settings, **loop_options: object) -> Iterator[Loop]:
     """The state directory locked and replayed, agents running, a loop ready to turn."""
-    with StateLock(settings.state_dir / "daemon.lock"):
-        event_log = EventLog(settings.state_dir, retention=settings.log_retention)
+    state = StateDir(settings.state_dir)
+    with StateLock(state.lock):
+        event_log = EventLog(state.log_dir, retention=settings.log_retention)
         if event_log.repaired_bytes:
             log.warning("✂️ cut a torn last line off the event log (a crash mid-write)",
                         bytes=event_log.repaired_bytes)
@@ -125,14 +126,14 @@ def opened(settings: config.Settings, **loop_options: object) -> Iterator[Loop]:
             workflows=[wf for kind, wf in workflows.items() if i.accepts(kind)])
             for i in settings.instances}
         loop = Loop(settings, store, agents, workflows, inbox=inbox,
-                    status_path=settings.state_dir / "status.json",
+                    status_path=state.status,
                     daemon_info={"pid": os.getpid(), "started_at": time.time()},
                     **loop_options)
         try:
             with _running(agents.values()), web.serving(loop):
                 yield loop
             if loop.log_error is None and store.seq > store.snapshot_seq:
-                loop.snapshot()  # a clean stop: the next start replays nothing
+                loop.journal.snapshot()  # a clean stop: the next start replays nothing
         finally:
             loop.write_status(time.time(), force=True)
             event_log.close()
@@ -159,17 +160,19 @@ def run_files(settings: config.Settings, files: Sequence[Path], stop: Stop, *,
 
 def serve(settings: config.Settings, stop: Stop, notifier: Notifier) -> int:
     """Service mode: render whatever arrives in the spool until SIGTERM."""
-    layout = SpoolLayout.under(settings.state_dir)
+    layout = StateDir(settings.state_dir).spool
     layout.create()
     for path in layout.sweep_tmp(time.time()):
         log.info("🧹 removed a file a writer left unfinished in the spool", file=path)
-    intake = Intake(Spool(layout, max_bytes=settings.max_file_bytes), layout.commands)
-    with opened(settings, intake=intake) as loop, _watching(layout, loop.post):
+    spool = Spool(layout, max_bytes=settings.max_file_bytes)
+    with opened(settings, spool=spool, commands=layout.commands) as loop, \
+            _watching(layout, loop.post):
         log.info("👂 watching the spool", incoming=str(layout.incoming))
         ready, told = False, float("-inf")
         while not stop():
-            loop.run_once(timeout=loop.wait_budget(time.time()))
+            loop.wait(loop.wait_budget(time.time()))
             now = time.time()
+            loop.run_once(now)
             if not ready and (loop.reconciled or now - loop.busy.start > READY_AT_LATEST):
                 notifier.ready()
                 ready = True
@@ -224,7 +227,7 @@ def _running(agents: Iterator[InstanceAgent] | Sequence[InstanceAgent]) -> Itera
 def simulated(settings: config.Settings, durations: dict[str, float]) -> Iterator[None]:
     """Simulated ComfyUI servers on the configured (loopback) ports; with
     ARTIFACT_TRANSFER = "path" they share ARTIFACT_DIR as their output directory."""
-    from instances.simulator import PROGRESS_NODES, SimConfig, start_simulator  # aiohttp:
+    from simulator import PROGRESS_NODES, SimConfig, start_simulator  # aiohttp:
     # loaded only when a simulator is asked for, not by the production daemon
 
     for i in settings.instances:
@@ -258,7 +261,7 @@ def dry_run(settings: config.Settings, files: Sequence[Path],
     workflows against a saved ``/object_info`` (default: a stock ComfyUI's). Contacts no
     server; input files other jobs write keep their planned names."""
     workflows = load_workflows(settings)
-    source = object_info_file or OBJECT_INFO
+    source = object_info_file or STOCK_OBJECT_INFO
     try:
         object_info = json.loads(source.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -267,7 +270,7 @@ def dry_run(settings: config.Settings, files: Sequence[Path],
     problems = [p for w in workflows.values() for p in w.check(object_info, server=server)]
     for problem in problems:
         print(f"workflow problem: {problem}", file=sys.stderr)
-    out = settings.state_dir / "dry-run"
+    out = StateDir(settings.state_dir).dry_run
     refused = False
     for n, path in enumerate(files, start=1):
         try:
@@ -373,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:
             print(f"comfy-dual: cannot write the dry run: {exc}", file=sys.stderr)
             return 1
-    setup_logging(settings.state_dir / "logs", verbose=args.verbose)
+    setup_logging(StateDir(settings.state_dir).logs, verbose=args.verbose)
     stop = Stop()
     stop.install()
     try:
@@ -406,7 +409,7 @@ def one_shot(args: argparse.Namespace, settings: config.Settings,
     if args.compare_single and args.simulate and settings.enable_dual_instance and not stop():
         single = config.load_settings(args.config, {
             "ENABLE_DUAL_INSTANCE": False, "WEB_ADDRESS": "",
-            "STATE_DIR": str(settings.state_dir / "single-instance-comparison")})
+            "STATE_DIR": str(StateDir(settings.state_dir).single_instance_comparison)})
         with simulated(single, durations):
             alone = run_files(single, args.files, stop, force=args.force)
         print(f"\nSame files on one server: makespan {alone.makespan:.1f} s; with "

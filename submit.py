@@ -25,11 +25,11 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 from rich.console import Console
@@ -39,48 +39,23 @@ from rich.table import Table
 import config
 from service import report
 from service.status import STATUS_VERSION, BatchViews, status_view
-from spool.layout import MAX_NAME_BYTES, SpoolLayout
+from spool import commands
+from spool.layout import MAX_NAME_BYTES
 from spool.reading import plan_file
+from statedir import StateDir
+from statemachine.durable import write_atomic
 from statemachine.errors import BadConfig, BadInput, ComfyDualError
 from statemachine.job import BATCH_FINAL
-from statemachine.log import LogFiles, fsync_dir
+from statemachine.log import LogReader
 from statemachine.plan import safe_name
 from statemachine.store import Store, read_records
 from statemachine.timeline import Timeline, build_timeline
 
-POLL_SECONDS = 0.05
 STALE_AFTER = 10.0  # seconds: the daemon rewrites status.json every 0.5 s
 FINAL_STATES = frozenset(state.value for state in BATCH_FINAL)
 CLEAR_SCREEN = "\x1b[H\x1b[J"
 
-T = TypeVar("T")
-
-
 # --- the state directory ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class StateFiles:
-    """Where things live under STATE_DIR (DESIGN.md, "Runtime layout")."""
-
-    root: Path
-    spool: SpoolLayout
-
-    @classmethod
-    def under(cls, state_dir: Path) -> StateFiles:
-        return cls(state_dir, SpoolLayout.under(state_dir))
-
-    @property
-    def status(self) -> Path:
-        return self.root / "status.json"
-
-    @property
-    def events(self) -> Path:
-        return self.root / "events.jsonl"
-
-    @property
-    def lock(self) -> Path:
-        return self.root / "daemon.lock"
 
 
 def daemon_pid(lock: Path) -> str | None:
@@ -99,98 +74,12 @@ def daemon_pid(lock: Path) -> str | None:
     return None
 
 
-def publish(data: bytes, tmp: Path, target: Path) -> None:
-    """Write ``tmp``, fsync it, rename it to ``target``, fsync the directory: whoever
-    watches ``target``'s directory sees no file or the whole file."""
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(target.parent)
-
-
-def poll(probe: Callable[[], T | None], timeout: float) -> T | None:
-    """Call ``probe`` until it returns something or ``timeout`` seconds have passed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = probe()
-        if found is not None or time.monotonic() >= deadline:
-            return found
-        time.sleep(POLL_SECONDS)
-
-
 # --- reading the state without writing it -------------------------------------------------
 
 
-class LogReader:
-    """The event log's directory (snapshots, segments and the live segment) as a
-    read-only ``statemachine.log.Log``, read by the same ``LogFiles`` as the daemon's.
-
-    The live segment is opened before anything is listed: a snapshot taken meanwhile
-    renames that file into ``segments/``, where it is known by its inode and read once
-    (as the open file), and the newer snapshot and segments still replay consistently. A
-    last line without its newline (a write in progress, or a torn tail the daemon will
-    cut) is left out. Nothing is ever written.
-    """
-
-    def __init__(self, files: StateFiles) -> None:
-        self.files = LogFiles(files.root, files.events)
-        try:
-            self._file = open(files.events, "rb")  # noqa: SIM115 - closed by close()
-        except FileNotFoundError:
-            self._file = None
-
-    @property
-    def problems(self) -> list[str]:
-        return self.files.problems
-
-    def lines(self) -> Iterator[tuple[int, bytes]]:
-        return self._whole(self.files.lines(self._live()))
-
-    def history(self) -> Iterator[tuple[int, bytes]]:
-        return self._whole(self.files.history(self._live()))
-
-    def _live(self) -> Any:
-        if self._file is not None:
-            self._file.seek(0)
-        return self._file  # None: there was none; read it if it appeared since
-
-    @staticmethod
-    def _whole(lines: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
-        for number, line in lines:
-            if line.endswith(b"\n"):
-                yield number, line
-
-    def locate(self, line_no: int) -> str:
-        return self.files.locate(line_no)
-
-    def load_snapshot(self) -> bytes | None:
-        return self.files.load_snapshot()
-
-    def append(self, line: bytes) -> None:
-        raise PermissionError("submit.py never writes the event log")
-
-    def commit(self) -> None:
-        raise PermissionError("submit.py never writes the event log")
-
-    def compact(self, snapshot: bytes, seq: int) -> None:
-        raise PermissionError("submit.py never writes the event log")
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-
-
-def replay_view(settings: config.Settings, files: StateFiles) -> dict[str, Any]:
+def replay_view(settings: config.Settings, state: StateDir) -> dict[str, Any]:
     """The status view rebuilt from the event log, as the daemon would write it."""
-    log = LogReader(files)
+    log = LogReader(state.log_dir)
     try:
         store = Store.open(log)
     finally:
@@ -198,7 +87,7 @@ def replay_view(settings: config.Settings, files: StateFiles) -> dict[str, Any]:
     for problem in log.problems:
         print(f"warning: {problem}", file=sys.stderr)
     return status_view(store, settings.instances, now=time.time(), daemon=None,
-                       batches=BatchViews(settings.state_dir / "outputs"))
+                       batches=BatchViews(state.outputs))
 
 
 def read_status_file(path: Path) -> dict[str, Any] | None:
@@ -228,12 +117,12 @@ class View:
         return [b["batch_id"] for b in self.data["batches"]]
 
 
-def load_view(settings: config.Settings, files: StateFiles) -> View:
+def load_view(settings: config.Settings, state: StateDir) -> View:
     """The running daemon's ``status.json``, or else a replay of the event log."""
-    pid = daemon_pid(files.lock)
-    data = read_status_file(files.status) if pid is not None else None
+    pid = daemon_pid(state.lock)
+    data = read_status_file(state.status) if pid is not None else None
     if data is None:
-        return View(replay_view(settings, files), pid, replayed=True)
+        return View(replay_view(settings, state), pid, replayed=True)
     return View(data, pid, replayed=False)
 
 
@@ -380,24 +269,24 @@ def spool_name(path: Path, token: str) -> str:
     return stem[: MAX_NAME_BYTES - len(tail.encode())].decode(errors="ignore") + tail
 
 
-def spool_file(files: StateFiles, prompt: Prompt, *, force: bool) -> str:
+def spool_file(state: StateDir, prompt: Prompt, *, force: bool) -> str:
     """Put the file into ``incoming/`` (or ``incoming/force/``) atomically; its new name."""
-    directory = files.spool.force if force else files.spool.incoming
+    directory = state.spool.force if force else state.spool.incoming
     name = spool_name(prompt.path, uuid.uuid4().hex[:8])
     while (directory / name).exists():
         name = spool_name(prompt.path, uuid.uuid4().hex[:8])
-    publish(prompt.data, files.spool.tmp / name, directory / name)
+    write_atomic(directory / name, prompt.data, tmp=state.spool.tmp / name, make_dirs=True)
     return name
 
 
-def intake_outcome(files: StateFiles, name: str) -> tuple[str, str] | None:
+def intake_outcome(state: StateDir, name: str) -> tuple[str, str] | None:
     """("accepted", batch id) or ("rejected", reason) once the daemon has taken ``name``."""
-    reason = files.spool.rejected / f"{name}.reason"
+    reason = state.spool.rejected / f"{name}.reason"
     if reason.exists():
         return "rejected", cut(reason.read_text(errors="replace"), 300) or "no reason given"
     tail = f"-{name}"
     try:
-        entries = os.listdir(files.spool.accepted)
+        entries = os.listdir(state.spool.accepted)
     except FileNotFoundError:
         return None
     return next((("accepted", e[: -len(tail)]) for e in entries
@@ -416,7 +305,7 @@ def report_intake(head: str, outcome: tuple[str, str] | None, wait: float) -> in
     return 0
 
 
-def cmd_submit(args: argparse.Namespace, settings: config.Settings, files: StateFiles) -> int:
+def cmd_submit(args: argparse.Namespace, settings: config.Settings, state: StateDir) -> int:
     """Check every file first: if any is bad, say why and spool none of them."""
     prompts, problems = [], []
     for path in args.files:
@@ -428,8 +317,8 @@ def cmd_submit(args: argparse.Namespace, settings: config.Settings, files: State
         for problem in problems:
             error(problem)
         return 2
-    names = [spool_file(files, p, force=args.force) for p in prompts]
-    running = daemon_pid(files.lock) is not None
+    names = [spool_file(state, p, force=args.force) for p in prompts]
+    running = daemon_pid(state.lock) is not None
     deadline = time.monotonic() + args.wait
     code = 0
     for prompt, name in zip(prompts, names, strict=True):
@@ -437,13 +326,14 @@ def cmd_submit(args: argparse.Namespace, settings: config.Settings, files: State
         if not running:
             print(f"{head}: the daemon is not running; it will take the file when it starts")
             continue
-        outcome = poll(partial(intake_outcome, files, name), deadline - time.monotonic())
+        outcome = commands.poll(partial(intake_outcome, state, name),
+                                deadline - time.monotonic())
         code = max(code, report_intake(head, outcome, args.wait))
     return code
 
 
-def cmd_status(args: argparse.Namespace, settings: config.Settings, files: StateFiles) -> int:
-    view = load_view(settings, files)
+def cmd_status(args: argparse.Namespace, settings: config.Settings, state: StateDir) -> int:
+    view = load_view(settings, state)
     if args.json:
         print(json.dumps({**view.data, "source": view.source}))
     else:
@@ -456,10 +346,10 @@ def draw(text: str, tty: bool) -> None:
     print(f"{CLEAR_SCREEN}{text}" if tty else f"{text}\n", flush=True)
 
 
-def watch(settings: config.Settings, files: StateFiles, *, interval: float, tty: bool,
+def watch(settings: config.Settings, state: StateDir, *, interval: float, tty: bool,
           pause: Callable[[float], None] = time.sleep) -> int:
     """Redraw until every batch unfinished at the start has ended: 0 if all are done."""
-    view = load_view(settings, files)
+    view = load_view(settings, state)
     watched = [b for b in view.data["batches"] if b["state"] not in FINAL_STATES]
     ids = {b["batch_id"] for b in watched}
     while True:
@@ -469,7 +359,7 @@ def watch(settings: config.Settings, files: StateFiles, *, interval: float, tty:
         if len(ended) == len(ids):
             break
         pause(interval)
-        view = load_view(settings, files)
+        view = load_view(settings, state)
     if not ids:
         print("no unfinished batch to watch")
     else:
@@ -477,26 +367,8 @@ def watch(settings: config.Settings, files: StateFiles, *, interval: float, tty:
     return 0 if all(state == "done" for state in ended.values()) else 1
 
 
-def cmd_watch(args: argparse.Namespace, settings: config.Settings, files: StateFiles) -> int:
-    return watch(settings, files, interval=args.interval, tty=sys.stdout.isatty())
-
-
-def send_command(files: StateFiles, command: str, batch_id: str) -> str:
-    """Queue ``command`` for the daemon as ``spool/commands/<id>.json``; returns the id."""
-    command_id = uuid.uuid4().hex
-    body = {"id": command_id, "command": command, "batch_id": batch_id,
-            "requested_at": time.time()}
-    name = f"{command_id}.json"
-    commands = files.spool.commands
-    publish(json.dumps(body).encode(), commands / "tmp" / name, commands / name)
-    return command_id
-
-
-def command_reply(files: StateFiles, command_id: str) -> dict[str, Any] | None:
-    try:
-        return json.loads((files.spool.commands / "done" / f"{command_id}.json").read_bytes())
-    except (FileNotFoundError, ValueError):
-        return None
+def cmd_watch(args: argparse.Namespace, settings: config.Settings, state: StateDir) -> int:
+    return watch(settings, state, interval=args.interval, tty=sys.stdout.isatty())
 
 
 def check_batch(view: View, batch_id: str) -> None:
@@ -506,61 +378,61 @@ def check_batch(view: View, batch_id: str) -> None:
         raise BadInput(f"unknown batch {batch_id!r} (known batches: {listed})")
 
 
-def cmd_command(args: argparse.Namespace, settings: config.Settings, files: StateFiles) -> int:
+def cmd_command(args: argparse.Namespace, settings: config.Settings, state: StateDir) -> int:
     """cancel or retry: checked here, carried out by the daemon."""
-    view = load_view(settings, files)
+    view = load_view(settings, state)
     check_batch(view, args.batch_id)
-    command_id = send_command(files, args.command, args.batch_id)
+    command_id = commands.send(state.spool.commands, args.command, args.batch_id)
     what = f"{args.command} {args.batch_id}"
     if view.daemon_pid is None:
         print(f"{what}: the daemon is not running; the command will run when it starts")
         return 0
-    reply = poll(partial(command_reply, files, command_id), args.wait)
+    reply = commands.wait_for_reply(state.spool.commands, command_id, args.wait)
     if reply is None:
         print(f"{what}: no answer from the daemon after {args.wait:g} s; the command stays "
               f"queued")
         return 0
-    if not reply.get("ok"):
-        error(f"{what}: {reply.get('message') or 'refused by the daemon'}")
+    if not reply.ok:
+        error(f"{what}: {reply.message or 'refused by the daemon'}")
         return 1
-    print(f"{what}: {reply.get('message') or 'done'}")
+    print(f"{what}: {reply.message or 'done'}")
     return 0
 
 
-def read_timeline(files: StateFiles) -> Timeline:
+def read_timeline(state: StateDir) -> Timeline:
     """The timeline of the batches accepted in the event log, read without writing."""
-    log = LogReader(files)
+    log = LogReader(state.log_dir)
     try:
         return build_timeline(report.accepted_in(read_records(log)))
     finally:
         log.close()
 
 
-def _first_kept_seq(files: StateFiles) -> int:
+def _first_kept_seq(state: StateDir) -> int:
     """The seq the log's oldest kept line has (1: the whole history is there)."""
-    log = LogReader(files)
+    log = LogReader(state.log_dir)
     try:
         return next((orjson.loads(line)["seq"] for _, line in log.history()), 1)
     finally:
         log.close()
 
 
-def cmd_report(args: argparse.Namespace, settings: config.Settings, files: StateFiles) -> int:
+def cmd_report(args: argparse.Namespace, settings: config.Settings, state: StateDir) -> int:
     """Draw the timeline of the batches asked for (all by default) into ``args.output``."""
     fmt = report.output_format(args.output)
     if args.all and args.batch_ids:
         raise BadInput("name batches or give --all, not both")
-    tl = read_timeline(files)
+    tl = read_timeline(state)
     chosen = report.select_batches(tl, args.batch_ids)
-    now = time.time() if daemon_pid(files.lock) is not None else None
+    now = time.time() if daemon_pid(state.lock) is not None else None
     chart = report.chart(tl, chosen, now)
     out: Path = args.output
-    publish(report.RENDERERS[fmt](chart).encode(),
-            out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"), out)
+    write_atomic(out, report.RENDERERS[fmt](chart).encode(),
+                 tmp=out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"), make_dirs=True)
     print(f"{out}: {report.plural(len(chosen), 'batch')}, "
           f"{report.plural(len(chart.attempts), 'attempt')} on "
           f"{report.plural(len(chart.lanes), 'instance')}, makespan {chart.makespan:.1f} s")
-    if _first_kept_seq(files) > 1:
+    if _first_kept_seq(state) > 1:
         print("note: the event log no longer holds its oldest events (compacted before "
               "segments, or removed by LOG_RETENTION); the "
               "batches they held are not shown", file=sys.stderr)
@@ -629,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         settings = config.settings_from_args(args)
-        return args.run(args, settings, StateFiles.under(settings.state_dir))
+        return args.run(args, settings, StateDir(settings.state_dir))
     except (BadConfig, BadInput) as exc:
         error(str(exc))
         return 2

@@ -32,8 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from instances.sim_worker import read_ledger  # noqa: E402
 from service.status import status_view  # noqa: E402
+from simulator import read_ledger  # noqa: E402
+from statedir import StateDir  # noqa: E402
 from statemachine import events as ev  # noqa: E402
 from statemachine.log import EventLog  # noqa: E402
 from statemachine.store import Store, read_records  # noqa: E402
@@ -65,7 +66,7 @@ class SimProcess:
     def start(self) -> None:
         durations = [f"--duration={k}={v}" for k, v in self.durations.items()]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "instances.simulator", "--port", str(self.port),
+            [sys.executable, "-m", "simulator", "--port", str(self.port),
              "--ledger", str(self.ledger), "--output-dir", str(self.work / "out"),
              "--input-dir", str(self.work / "in"), *durations],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -164,7 +165,7 @@ def verify(work: Path, sims: list[SimProcess], kills: int, server_kills: int,
     """Judge the run from the servers' ledgers and a replay of the event log."""
     runs = sorted((dict(r, server=sim.name) for sim in sims for r in read_ledger(sim.ledger)),
                   key=lambda r: r["start"])
-    store = Store.open(EventLog(work / "state"))
+    store = Store.open(EventLog(StateDir(work / "state").log_dir))
     successes = defaultdict(list)
     for run in runs:
         if run["status"] == "success":

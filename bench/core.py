@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from statedir import StateDir
 from statemachine import events as ev
 from statemachine.job import BATCH_FINAL, Job, JobState
 from statemachine.log import EventLog, LogFiles
@@ -308,9 +309,6 @@ class StubAgent:
     def check(self, job_id: str, prompt_id: str) -> None:
         pass
 
-    def follow(self, job_id: str, prompt_id: str) -> None:
-        pass
-
     def withdraw(self, prompt_ids: Any) -> None:
         pass
 
@@ -345,12 +343,12 @@ def restart_child(directory: Path) -> dict[str, Any]:
     moment it started this interpreter; the phases are printed too."""
     began = time.time()
     import daemon
-    from instances.agent import Health
+    from instances.messages import Health
     from service.loop import Loop
 
     imported = time.time()
     settings = restart_settings(directory)
-    event_log = EventLog(settings.state_dir, retention=settings.log_retention)
+    event_log = EventLog(StateDir(settings.state_dir).log_dir, retention=settings.log_retention)
     store = Store.open(event_log, daemon.policy_of(settings))
     opened = time.time()
     agents = {i.instance_id: StubAgent(i.instance_id) for i in settings.instances}
@@ -360,7 +358,7 @@ def restart_child(directory: Path) -> dict[str, Any]:
     for _ in range(1000):
         if StubAgent.first_post is not None:
             break
-        loop.run_once(timeout=0.0)
+        loop.run_once(time.time())
     else:
         raise SystemExit("the restarted loop dispatched nothing in 1,000 turns")
     event_log.close()
@@ -387,7 +385,7 @@ def in_child(what: str, directory: Path) -> dict[str, Any]:
 
 
 def measure_replay(directory: Path) -> dict[str, Any]:
-    (directory / "events.jsonl").read_bytes()  # warm the page cache
+    StateDir(directory).events.read_bytes()  # warm the page cache
     runs = in_children("replay", directory)
     return {"replay_1m_s": statistics.median(r["s"] for r in runs),
             "replay_1m_cpu_s": statistics.median(r["cpu_s"] for r in runs)}
@@ -422,7 +420,8 @@ def snapshot_and_tail(directory: Path, tail_turns: int) -> dict[str, Any]:
         farm.turn(window=24)
     farm.commit()
     log.close()
-    [(_, snapshot)] = LogFiles(directory, directory / "events.jsonl").snapshots()
+    state = StateDir(directory)
+    [(_, snapshot)] = LogFiles(state.log_dir, state.events).snapshots()
     return {"restart_history_events": history, "restart_tail_events": store.seq - history,
             "snapshot_1m_mb": snapshot.stat().st_size / 2**20, "snapshot_write_s": compact_s,
             "restart_open_batches": sum(1 for _ in store.open_batches()),
@@ -432,16 +431,13 @@ def snapshot_and_tail(directory: Path, tail_turns: int) -> dict[str, Any]:
 def fresh_copy(source: Path, target: Path) -> Path:
     """Each restart writes to its log (it records what it decides): each starts from an
     identical copy (closed segments hard-linked, the rest copied)."""
+    src, dst = StateDir(source), StateDir(target)
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(source, target, copy_function=os.link,
-                    ignore=lambda d, names: [n for n in names if n != "segments"]
+                    ignore=lambda d, names: [n for n in names if n != src.segments.name]
                     if Path(d) == source else [])
-    for name in ("events.jsonl", "snapshots"):
-        src = source / name
-        if src.is_dir():
-            shutil.copytree(src, target / name)
-        else:
-            shutil.copy(src, target / name)
+    shutil.copy(src.events, dst.events)
+    shutil.copytree(src.snapshots, dst.snapshots)
     return target
 
 
@@ -561,7 +557,7 @@ def run(replay_events: int, mem_jobs: int, say: Callable[[str], None]) -> dict[s
         result |= {"replay_events": built.events, "replay_jobs": built.jobs,
                    "events_per_s_group_commit": built.events / built.seconds,
                    "events_per_fsync": built.events / built.fsyncs,
-                   "log_mb": (base / "replay" / "events.jsonl").stat().st_size / 2**20}
+                   "log_mb": StateDir(base / "replay").events.stat().st_size / 2**20}
         say("replaying it 3 times ...")
         result |= measure_replay(base / "replay")
         say("taking a snapshot behind it, a short tail after it, and restarting 3 times ...")

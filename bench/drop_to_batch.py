@@ -60,6 +60,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from spool.layout import SpoolLayout
+from statedir import StateDir
 from statemachine import events as ev
 from statemachine.log import EventLog
 from statemachine.store import read_records
@@ -107,11 +108,11 @@ class Daemon:
 
     @property
     def layout(self) -> SpoolLayout:
-        return SpoolLayout.under(self.state)
+        return StateDir(self.state).spool
 
     @property
     def events(self) -> Path:
-        return self.state / "events.jsonl"
+        return StateDir(self.state).events
 
     def start(self) -> None:
         env = {**os.environ, "NOTIFY_SOCKET": self.notify.getsockname()}
@@ -253,7 +254,7 @@ def drop_backlog(daemon: Daemon, names: Sequence[str], timeout: float) -> dict[s
 def accepted_times(state: Path) -> dict[str, list[float]]:
     """Source file name -> the ``ts`` of each of its ``batch_accepted`` events. Read only
     once the daemon has stopped (opening the log may repair its tail)."""
-    log = EventLog(state)
+    log = EventLog(StateDir(state).log_dir)
     try:
         times: dict[str, list[float]] = defaultdict(list)
         for rec in read_records(log):

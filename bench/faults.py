@@ -48,8 +48,9 @@ if str(ROOT) not in sys.path:
 import config
 import daemon
 from instances.client import ComfyClient
-from instances.simulator import SimConfig, SimulatorHandle, start_simulator
 from service.logs import setup_logging
+from simulator import SimConfig, SimulatorHandle, start_simulator
+from statedir import StateDir
 from statemachine.log import EventLog
 from statemachine.store import read_records
 
@@ -201,7 +202,7 @@ def stale_prompts(base: Path, videos: int) -> dict[str, Any]:
         def silent_then_back() -> None:
             wait_until(lambda: ComfyClient(high.url).queue().pending)
             high.set_faults(response_delay=2.0)
-            wait_until(lambda: b'"job_lost"' in (state / "events.jsonl").read_bytes())
+            wait_until(lambda: b'"job_lost"' in StateDir(state).events.read_bytes())
             high.set_faults(response_delay=0.0, hang=False)
 
         in_background(silent_then_back)
@@ -209,7 +210,7 @@ def stale_prompts(base: Path, videos: int) -> dict[str, Any]:
             **QUICK, "COMFYUI_INSTANCES": instances(*sims), "STATE_DIR": str(state),
             "REQUEST_TIMEOUT": 0.5, "INSTANCE_LOST_TIMEOUT": 0.5, "FALLBACK": False})
         result = run_in_process(settings, prompts(base / "prompts", videos), 120)
-        given_up = {r.event.prompt_id for r in read_records(EventLog(state))
+        given_up = {r.event.prompt_id for r in read_records(EventLog(StateDir(state).log_dir))
                     if r.event.type in ("job_lost", "job_attempt_failed")}
         executed = [r for sim in sims for r in sim.executions()
                     if r["prompt_id"] in given_up and r["status"] == "success"]

@@ -84,6 +84,7 @@ if str(ROOT) not in sys.path:
 import config
 import daemon
 from service.logs import setup_logging
+from statedir import StateDir
 from statemachine.log import EventLog
 from statemachine.plan import BatchPlan, JobKind
 from statemachine.planner import plan_prompt_file
@@ -163,7 +164,7 @@ def simulators(count: int, durations: Mapping[str, float], switch_cost: float,
     ports = [free_port() for _ in range(count)]
     try:
         for port in ports:
-            args = [sys.executable, "-m", "instances.simulator", "--port", str(port),
+            args = [sys.executable, "-m", "simulator", "--port", str(port),
                     "--switch-cost", str(switch_cost), "--output-dir", str(output_dir),
                     *(f"--duration={k}={v}" for k, v in durations.items())]
             proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE,
@@ -195,7 +196,7 @@ def bench_settings(state_dir: Path, ports: Sequence[int], strategy: Strategy,
         "STATE_DIR": str(state_dir), "ENABLE_DUAL_INSTANCE": strategy.dual,
         "COMBINE_GATE": strategy.gate,
         "COMFYUI_INSTANCES": instances, "SINGLE_INSTANCE_CONFIG": single,
-        "ARTIFACT_TRANSFER": "path", "ARTIFACT_DIR": str(state_dir / "artifacts"),
+        "ARTIFACT_TRANSFER": "path", "ARTIFACT_DIR": str(StateDir(state_dir).artifacts),
         **(extra or {})})
 
 
@@ -248,7 +249,7 @@ def run(bench: Bench, workload: Workload, strategy: Strategy, files: Sequence[Pa
     state = bench.work / f"{workload.name}-{strategy.name}"
     count = len(workload.layout) if strategy.dual else 1
     with simulators(count, workload.seconds(bench.unit), workload.switch_cost * bench.unit,
-                    state / "artifacts") as ports:
+                    StateDir(state).artifacts) as ports:
         settings = bench_settings(state, ports, strategy, extra=bench.extra,
                                   layout=workload.layout)
         stop = daemon.Stop()
@@ -258,7 +259,7 @@ def run(bench: Bench, workload: Workload, strategy: Strategy, files: Sequence[Pa
             result = daemon.run_files(settings, files, stop)
         finally:
             limit.cancel()
-    log = EventLog(state)
+    log = EventLog(StateDir(state).log_dir)
     try:
         tl = build_timeline(read_records(log))
     finally:

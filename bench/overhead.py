@@ -71,6 +71,7 @@ import config
 import daemon
 from instances.client import ComfyClient
 from service.logs import setup_logging
+from statedir import StateDir
 from statemachine import events as ev
 from statemachine.log import EventLog
 from statemachine.store import read_records
@@ -115,7 +116,7 @@ class Farm:
 
 def log_to_files_only(state_dir: Path) -> None:
     """The daemon's logging, minus the console: JSON lines in ``STATE_DIR/logs``."""
-    setup_logging(state_dir / "logs")
+    setup_logging(StateDir(state_dir).logs)
     root = logging.getLogger()
     for handler in list(root.handlers):
         if type(handler) is logging.StreamHandler:
@@ -142,7 +143,7 @@ def render(config_file: Path, files: Sequence[Path], seconds: float | None = Non
 
 
 def records(state_dir: Path) -> list[ev.Recorded]:
-    log = EventLog(state_dir)
+    log = EventLog(StateDir(state_dir).log_dir)
     try:
         return list(read_records(log))
     finally:
@@ -241,7 +242,7 @@ def _stop_after_posts(stop: daemon.Stop, count: int) -> Iterator[None]:
 def restart_to_dispatch(cfg: Path, runs: int) -> dict[str, Any]:
     state = config.load_settings(cfg).state_dir
     recs = records(state)
-    seconds = [_one_restart(cfg, state / "events.jsonl") for _ in range(runs)]
+    seconds = [_one_restart(cfg, StateDir(state).events) for _ in range(runs)]
     return {"restart_to_dispatch_s": round(statistics.median(seconds), 3),
             "restart_runs_s": [round(s, 3) for s in seconds],
             "restart_log_events": len(recs),

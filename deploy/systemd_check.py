@@ -294,7 +294,7 @@ def start_simulators(c: Container) -> None:
     c.sh("install -d -m 0755 /var/lib/comfy-sim")
     for name, port in (("high", 8188), ("low", 8189)):
         c.sh(f"systemd-run --quiet --unit=comfy-sim-{name} -p WorkingDirectory={OPT} "
-             f"{OPT}/.venv/bin/python -m instances.simulator --port {port} "
+             f"{OPT}/.venv/bin/python -m simulator --port {port} "
              f"--duration HIGH=1.5 --duration LOW=1.5 --default-duration 0.3 "
              f"--ledger /var/lib/comfy-sim/{name}.jsonl "
              f"--output-dir /var/lib/comfy-sim/{name}-out")
@@ -308,7 +308,7 @@ def start_simulators(c: Container) -> None:
 def ledger(c: Container) -> list[dict[str, object]]:
     """Every execution the simulators started, across their lives."""
     out = c.sh(f"cd {OPT} && .venv/bin/python -c 'import json,sys; from pathlib import Path; "
-               "from instances.sim_worker import read_ledger; "
+               "from simulator import read_ledger; "
                "print(json.dumps([r for n in (\"high\", \"low\") for r in "
                "read_ledger(Path(f\"/var/lib/comfy-sim/{n}.jsonl\"))]))'").stdout
     return json.loads(out)

@@ -1,1 +1,2 @@
-"""ComfyUI instances: the HTTP/websocket client, the instance pool and the simulator."""
+"""ComfyUI instances: the HTTP/websocket client, the instance agents, workflows and
+file hand-off."""

@@ -21,18 +21,14 @@ Resolution is pure (the loop runs it); the copying runs on the agents' HTTP thre
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from instances.workflow import Workflow
-from statemachine.errors import (
-    ComfyDualError,
-    PermanentDispatchError,
-    TransientDispatchError,
-)
+from statemachine.durable import write_atomic
+from statemachine.errors import ComfyDualError, PermanentDispatchError
 from statemachine.job import Job
 from statemachine.plan import JobKind
 
@@ -41,8 +37,9 @@ class ArtifactMissing(PermanentDispatchError):
     """A dependency reported no file for an artifact the job reads: no retry can help."""
 
 
-class TransferFailed(TransientDispatchError):
-    """A file could not be copied from the server that wrote it; the job is retried."""
+class TransferFailed(ComfyDualError):
+    """A file could not be copied from the server that wrote it; the job is retried (the
+    receiving instance is not to blame)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,9 +195,8 @@ def save_files(files: Sequence[OutputFile], fetch: Callable[[OutputFile], bytes]
     saved = []
     for file in files:
         target = local_path(outputs_dir, batch_id, file)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        part = target.with_name(f".{target.name}.part")
-        part.write_bytes(fetch(file))
-        os.replace(part, target)
+        data = fetch(file)
+        write_atomic(target, data, tmp=target.with_name(f".{target.name}.part"), fsync=False,
+                     make_dirs=True)
         saved.append(target)
     return saved

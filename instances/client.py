@@ -6,8 +6,10 @@ Every failure leaves the client as a comfy-dual error, never a raw ``requests`` 
 - the server cannot be reached (refused, reset, timed out) -> ``InstanceUnreachable``;
 - it refused the graph (400 with ``node_errors``) -> ``WorkflowRejected``, a
   ``PermanentDispatchError`` carrying the parsed body;
-- any other 4xx -> ``PermanentDispatchError``; 5xx -> ``ServerError`` (a
-  ``TransientDispatchError`` the caller treats as the server's trouble).
+- any other 4xx -> ``PermanentDispatchError``; 5xx -> ``ServerError``.
+
+``InstanceUnreachable`` and ``ServerError`` are both ``InstanceTrouble``: the server's
+trouble, not the job's.
 
 A read timeout on ``submit`` does not say whether the server queued the prompt: the caller
 must look the prompt_id up in ``history()`` and ``queue()`` before posting it again.

@@ -195,6 +195,10 @@ def _apply_none(graph: dict[str, Any], param: str, drops: DropRules, sets: SetRu
 
 # --- checking a template against a server's /object_info -------------------------------
 
+# The /object_info of a stock ComfyUI, recorded: what ``--dry-run`` checks workflows against
+# when it is given no other, and the node catalog of the simulator.
+STOCK_OBJECT_INFO = Path(__file__).resolve().parent / "data" / "object_info.json"
+
 
 def _declared(info: Mapping[str, Any]) -> dict[str, Any]:
     """Input name -> input spec over the required and optional sections of a node class."""

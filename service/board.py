@@ -20,6 +20,7 @@ import structlog
 
 from service.metrics import Gauges, Metrics, reason_class
 from service.report import Chart, chart
+from statedir import StateDir
 from statemachine import events as ev
 from statemachine.errors import CorruptLog
 from statemachine.job import BATCH_FINAL, Batch
@@ -204,7 +205,7 @@ class Publisher:
         self.last_snapshot_seq = last_snapshot_seq  # () -> int
         self.board: Board | None = None
         self.grids = Grids()
-        self.rejected = Rejected(Path(loop.settings.state_dir) / "spool" / "rejected")
+        self.rejected = Rejected(StateDir(loop.settings.state_dir).spool.rejected)
         self.gantt = Gantt(getattr(loop.store.log, "path", None))
         self._chart: Chart | None = None
         self._failing = False

@@ -6,7 +6,6 @@ daemon is down, ``submit.py`` builds the same view by replaying the event log.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import orjson
 
 from instances.artifacts import final_files, local_path
+from statemachine.durable import write_atomic
 from statemachine.job import JobState
 from statemachine.store import Store
 
@@ -105,12 +105,9 @@ def write_status_file(path: Path, view: Mapping[str, Any]) -> None:
     file is rewritten in place, in the blocks it frees (a reader may catch it half
     written, and then replays the log instead)."""
     data = orjson.dumps(view)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
+        write_atomic(path, data, fsync=False)
+    except OSError:  # write_atomic removed its tmp file
         with open(path, "r+b") as f:
             f.truncate(0)
             f.write(data)

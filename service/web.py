@@ -35,6 +35,7 @@ import config
 from service.board import Board, Publisher
 from service.metrics import Metrics
 from service.report import render_svg
+from statedir import StateDir
 from statemachine.log import Log
 from statemachine.store import Store
 
@@ -138,7 +139,7 @@ class StatusWeb:
                         "anyone who can reach it sees every batch, prompt and server",
                         address=self.settings.web_address)
         try:
-            server = WebServer((host, port), Path(self.settings.state_dir))
+            server = WebServer((host, port), StateDir(self.settings.state_dir))
         except OSError as exc:
             log.warning("⚠️ cannot serve the status page; going on without it (set "
                         "WEB_ADDRESS to a free HOST:PORT, or \"\" for none)",
@@ -157,9 +158,9 @@ class WebServer(ThreadingHTTPServer):
 
     publisher: Publisher  # set before it serves
 
-    def __init__(self, address: tuple[str, int], state_dir: Path) -> None:
+    def __init__(self, address: tuple[str, int], state: StateDir) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.outputs = (state_dir / "outputs").resolve()
+        self.outputs = state.outputs.resolve()
         # Bound to loopback, only a loopback name may be asked for: a web page elsewhere
         # whose name an attacker points at 127.0.0.1 (DNS rebinding) gets nothing.
         self.loopback_only = is_loopback(address[0])

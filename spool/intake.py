@@ -36,7 +36,7 @@ from spool.layout import (
 from spool.reading import kind_refusal, read_at_most, size_refusal
 from spool.settle import Ident, Settle, ident
 from spool.watcher import SpoolHint
-from statemachine.log import fsync_dir, write_atomic
+from statemachine.durable import fsync_dir, write_atomic
 from statemachine.planner import MAX_FILE_BYTES
 
 log = structlog.get_logger("comfy_dual.spool")

@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from statemachine.log import fsync_dir
+from spool import commands
+from statemachine.durable import fsync_dir
 
 FORCE_DIR = "force"
 REASON_SUFFIX = b".reason"
@@ -24,7 +25,7 @@ MAX_NAME_BYTES = 200
 
 @dataclass(frozen=True, slots=True)
 class SpoolLayout:
-    """The spool's directories under ``STATE_DIR/spool`` (see DESIGN.md "Runtime layout").
+    """The spool's directories under ``STATE_DIR/spool``: ``statedir.StateDir.spool``.
 
     Writers create a file in ``tmp/`` and rename it into ``incoming/`` (or
     ``incoming/force/`` to skip the duplicate check): all of it is one file system, so the
@@ -75,7 +76,7 @@ class SpoolLayout:
         older_than``; returns the removed paths, for the log. A file being written now is
         younger than that and stays."""
         removed: list[str] = []
-        for directory in (self.tmp, self.commands / "tmp"):
+        for directory in (self.tmp, self.commands / commands.TMP_DIR):
             try:
                 entries = list(os.scandir(directory))
             except FileNotFoundError:

@@ -25,17 +25,18 @@ class PermanentDispatchError(ComfyDualError):
     """The server refused the job for a reason retrying cannot fix (invalid workflow)."""
 
 
-class TransientDispatchError(ComfyDualError):
-    """The job failed in a way that may succeed on another attempt (execution error)."""
+class InstanceTrouble(ComfyDualError):
+    """A problem of the instance, not of the job: the caller marks the server down and
+    asks about the job again once it is back, instead of failing the job."""
 
 
-class ServerError(TransientDispatchError):
+class InstanceUnreachable(InstanceTrouble):
+    """The server could not be reached (refused, reset, timed out)."""
+
+
+class ServerError(InstanceTrouble):
     """The server answered with a failure of its own (HTTP 5xx, an answer that cannot be
-    read): a problem of the instance, not of the job, like ``InstanceUnreachable``."""
-
-
-class InstanceUnreachable(ComfyDualError):
-    """The server could not be reached: a problem of the instance, not of the job."""
+    read)."""
 
 
 class LogWriteError(ComfyDualError):

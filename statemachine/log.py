@@ -16,9 +16,16 @@ from typing import BinaryIO, Protocol
 import orjson
 
 from statemachine import failpoints
+from statemachine.durable import fsync_dir, write_atomic
 from statemachine.errors import LogWriteError
 
 READ_BUFFER = 1 << 20  # bytes read at a time when the log is read through
+
+# The names in a log directory (``LogFiles`` describes them).
+LIVE_SEGMENT = "events.jsonl"
+SEGMENT_DIR = "segments"
+SNAPSHOT_DIR = "snapshots"
+LEGACY_SNAPSHOT = "snapshot.json"
 
 
 class Log(Protocol):
@@ -28,7 +35,11 @@ class Log(Protocol):
     ``lines`` are then the committed lines that may follow it, ``history`` every line the
     log still keeps (for reports), and ``locate`` names where a line number of either is.
     ``compact(snapshot, seq)`` makes a snapshot of everything up to ``seq`` durable and
-    starts a new segment."""
+    starts a new segment.
+
+    Implemented by ``EventLog`` (on disk), ``LogReader`` (read-only: writes raise
+    PermissionError), ``MemoryLog`` and ``service.metrics.MeteredLog`` (a wrapper);
+    tests/test_log_contract.py runs the same tests against each."""
 
     def lines(self) -> Iterator[tuple[int, bytes]]: ...
     def history(self) -> Iterator[tuple[int, bytes]]: ...
@@ -39,29 +50,9 @@ class Log(Protocol):
     def load_snapshot(self) -> bytes | None: ...
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a created, renamed or removed name in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """tmp + fsync + rename + directory fsync: readers see the old or the new file, whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 class LogFiles:
-    """The read side of a log directory, shared by the daemon's ``EventLog`` and
-    ``submit.py``'s read-only reader::
+    """The read side of a log directory, shared by the daemon's ``EventLog`` and the
+    read-only ``LogReader``::
 
         events.jsonl                      the live segment (appended to)
         segments/events-<first seq>.jsonl older segments, closed at a snapshot
@@ -82,8 +73,8 @@ class LogFiles:
     def __init__(self, directory: Path, live: Path) -> None:
         self.directory = directory
         self.live = live
-        self.snapshot_dir = directory / "snapshots"
-        self.segment_dir = directory / "segments"
+        self.snapshot_dir = directory / SNAPSHOT_DIR
+        self.segment_dir = directory / SEGMENT_DIR
         self.problems: list[str] = []  # snapshots skipped, and why
         self.snapshot_seq = 0  # of the snapshot ``load_snapshot`` returned (0: none)
         self._spans: list[tuple[int, str]] = []  # (first line number, file) as read
@@ -93,7 +84,7 @@ class LogFiles:
     def snapshots(self) -> list[tuple[int, Path]]:
         """(seq, path) of each snapshot, newest first; the legacy one last."""
         found = sorted(_numbered(self.snapshot_dir, "snapshot-", ".json"), reverse=True)
-        legacy = self.directory / "snapshot.json"
+        legacy = self.directory / LEGACY_SNAPSHOT
         return found + ([(-1, legacy)] if legacy.exists() else [])
 
     def segments(self) -> list[tuple[int, Path]]:
@@ -239,7 +230,7 @@ class EventLog:
     n newest snapshots and only the segments after the oldest of them.
     """
 
-    def __init__(self, directory: Path, name: str = "events.jsonl", *,
+    def __init__(self, directory: Path, name: str = LIVE_SEGMENT, *,
                  retention: int = 0) -> None:
         self.path = directory / name
         self.directory = directory
@@ -335,7 +326,7 @@ class EventLog:
         failpoints.hit("after_snapshot")
         if self._durable_size:
             self._rotate()
-        self._prune(seq)
+        self._prune()
 
     def _rotate(self) -> None:
         """The live segment into ``segments/``, a new empty one in its place. The new file
@@ -355,14 +346,14 @@ class EventLog:
         os.close(self._fd)
         self._fd, self._durable_size = fd, 0
 
-    def _prune(self, newest: int) -> None:
+    def _prune(self) -> None:
         """Snapshots beyond the retention, and segments that only hold events before the
         oldest snapshot kept. Called once the newest snapshot is durable."""
         snapshots = [(s, p) for s, p in self.files.snapshots() if s >= 0]
         keep = max(self.retention, 2)
         for _, path in snapshots[keep:]:
             path.unlink(missing_ok=True)
-        legacy = self.directory / "snapshot.json"
+        legacy = self.directory / LEGACY_SNAPSHOT
         if len(snapshots) >= 2:
             legacy.unlink(missing_ok=True)  # two newer ones stand in for it
         if self.retention and len(snapshots) >= keep:
@@ -375,6 +366,67 @@ class EventLog:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+class LogReader:
+    """A log directory (snapshots, segments and the live segment) as a read-only ``Log``,
+    read by the same ``LogFiles`` as ``EventLog``: ``submit.py`` replays the daemon's log
+    with it, whether the daemon runs or not.
+
+    The live segment is opened before anything is listed: a snapshot taken meanwhile
+    renames that file into ``segments/``, where it is known by its inode and read once
+    (as the open file), and the newer snapshot and segments still replay consistently. A
+    last line without its newline (a write in progress, or a torn tail the daemon will
+    cut) is left out. Nothing is ever written: ``append``, ``commit`` and ``compact``
+    raise PermissionError.
+    """
+
+    def __init__(self, directory: Path, name: str = LIVE_SEGMENT) -> None:
+        self.files = LogFiles(directory, directory / name)
+        try:
+            self._file = open(self.files.live, "rb")  # noqa: SIM115 - closed by close()
+        except FileNotFoundError:
+            self._file = None
+
+    @property
+    def problems(self) -> list[str]:
+        return self.files.problems
+
+    def lines(self) -> Iterator[tuple[int, bytes]]:
+        return self._whole(self.files.lines(self._live()))
+
+    def history(self) -> Iterator[tuple[int, bytes]]:
+        return self._whole(self.files.history(self._live()))
+
+    def _live(self) -> BinaryIO | None:
+        if self._file is not None:
+            self._file.seek(0)
+        return self._file  # None: there was none; read it if it appeared since
+
+    @staticmethod
+    def _whole(lines: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
+        for number, line in lines:
+            if line.endswith(b"\n"):
+                yield number, line
+
+    def locate(self, line_no: int) -> str:
+        return self.files.locate(line_no)
+
+    def load_snapshot(self) -> bytes | None:
+        return self.files.load_snapshot()
+
+    def append(self, line: bytes) -> None:
+        raise PermissionError("a LogReader never writes the event log")
+
+    def commit(self) -> None:
+        raise PermissionError("a LogReader never writes the event log")
+
+    def compact(self, snapshot: bytes, seq: int) -> None:
+        raise PermissionError("a LogReader never writes the event log")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
 
 
 def _last_seq(path: Path) -> int:

@@ -30,7 +30,6 @@ from statemachine.plan import BatchPlan, safe_name
 
 MAX_FILE_BYTES = 1_048_576  # the defaults of the settings of the same names
 MAX_PROMPT_CHARS = 10_000
-MAX_CHUNKS = 1_000
 MIN_FRAMES_PER_CHUNK = 5  # Wan renders 4n+1 frames: a chunk below 5 is no chunk
 FRAME_DIGITS = 12  # a frame count is read as a number only up to this many digits
 MAX_NAME_CHARS = 200

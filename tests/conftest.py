@@ -7,7 +7,7 @@ from hypothesis import Phase, settings
 sys.path.insert(0, str(Path(__file__).parent))
 
 import config
-from instances.simulator import SimConfig, start_simulator
+from simulator import SimConfig, start_simulator
 
 # `pytest --hypothesis-profile=noshrink` reports a failure without minimising it: handy when
 # checking that a planted bug is caught.

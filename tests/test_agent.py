@@ -11,9 +11,10 @@ from dataclasses import dataclass
 import pytest
 from support import wait_for
 
-from instances.agent import Finished, Health, InstanceAgent
+from instances.agent import InstanceAgent
 from instances.client import JobOutcome, StreamEvent
-from instances.simulator import SimConfig, start_simulator
+from instances.messages import Finished, Health
+from simulator import SimConfig, start_simulator
 
 GRAPH = {"1": {"class_type": "EmptyImage",
                "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 7}},
@@ -66,7 +67,7 @@ def test_a_run_followed_from_its_start_is_reported_without_a_history_lookup() ->
         agent.start()
         try:
             assert _next(inbox, Health).up
-            wait_for(lambda: agent.stream.connected, "the websocket")
+            wait_for(lambda: agent.follower.stream.connected, "the websocket")
             agent.submit("job-1", prompt_id, GRAPH, {})
             finished = _next(inbox, Finished)
         finally:
@@ -83,7 +84,7 @@ def offline() -> Iterator[tuple[InstanceAgent, queue.SimpleQueue[object], list[s
     inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
     agent = _agent(9, inbox.put)
     looked_up: list[str] = []
-    agent._finish_from_history = looked_up.append  # type: ignore[method-assign]
+    agent.follower.finish_from_history = looked_up.append  # type: ignore[method-assign]
     agent.start()
     try:
         yield agent, inbox, looked_up
@@ -93,9 +94,9 @@ def offline() -> Iterator[tuple[InstanceAgent, queue.SimpleQueue[object], list[s
 
 def test_a_run_seen_from_its_start_is_reported_as_streamed(offline) -> None:
     agent, inbox, looked_up = offline
-    agent.follow("job", "p")
+    agent.following.follow("job", "p")
     for event in [STARTED, EXECUTED, *ENDED]:
-        agent._on_stream(event)
+        agent.follower.on_event(event)
     finished = [m for m in _drain(inbox) if isinstance(m, Finished)]
     assert finished == [Finished("s", "p", JobOutcome("success", {"2": OUTPUT}, None))]
     assert looked_up == []
@@ -108,9 +109,9 @@ def test_a_run_seen_from_its_start_is_reported_as_streamed(offline) -> None:
 ], ids=["joined-late", "reconnected"])
 def test_a_run_the_stream_may_have_missed_parts_of_is_looked_up(offline, events) -> None:
     agent, inbox, looked_up = offline
-    agent.follow("job", "p")
+    agent.following.follow("job", "p")
     for event in events:
-        agent._on_stream(event)
+        agent.follower.on_event(event)
     wait_for(lambda: looked_up == ["p"], "the /history lookup")
     assert not [m for m in _drain(inbox) if isinstance(m, Finished)]
 

@@ -19,8 +19,8 @@ from support import dispatch, make_plan, wait_for
 
 import config
 import daemon
-from instances import agent as agent_module
-from instances.agent import Health, InstanceAgent, Validated
+from instances import fetching
+from instances.agent import InstanceAgent
 from instances.artifacts import (
     ArtifactMissing,
     Handoff,
@@ -34,10 +34,16 @@ from instances.artifacts import (
     save_files,
     unwritten_artifacts,
 )
-from instances.simulator import SimConfig, start_simulator
+from instances.messages import Health, Validated
 from instances.workflow import load_workflow
+from simulator import SimConfig, start_simulator
 from statemachine import events as ev
-from statemachine.errors import BadConfig, InstanceUnreachable, TransientDispatchError
+from statemachine.errors import (
+    BadConfig,
+    InstanceTrouble,
+    InstanceUnreachable,
+    PermanentDispatchError,
+)
 from statemachine.log import EventLog, MemoryLog
 from statemachine.plan import JobKind
 from statemachine.store import Store, read_records
@@ -182,7 +188,8 @@ def test_a_failed_fetch_or_a_renamed_upload_is_a_transient_transfer_failure() ->
     with pytest.raises(TransferFailed, match=r"stored it as b0001-x/high_001_00001_ \(1\)"):
         Handoff(Upload("gpu0", LATENT), lambda: b"x").deliver(
             lambda data, name, sub: {"name": "high_001_00001_ (1).latent", "subfolder": sub})
-    assert issubclass(TransferFailed, TransientDispatchError)
+    # the job is retried (not failed for good), and its server is not marked down
+    assert not issubclass(TransferFailed, PermanentDispatchError | InstanceTrouble)
 
 
 def test_save_files_writes_whole_files_named_after_the_server_file(tmp_path: Path) -> None:
@@ -295,7 +302,7 @@ def test_path_mode_without_a_shared_directory_fails_the_reader_clearly(tmp_path:
         said.out + said.err
 
 
-@pytest.mark.parametrize("failures", [1, agent_module.FETCH_ATTEMPTS])
+@pytest.mark.parametrize("failures", [1, fetching.FETCH_ATTEMPTS])
 def test_a_failed_transfer_is_tried_again_then_a_retried_attempt_not_a_crash(
         tmp_path: Path, sims, monkeypatch, failures: int) -> None:
     high, low = sims
@@ -308,12 +315,12 @@ def test_a_failed_transfer_is_tried_again_then_a_retried_attempt_not_a_crash(
         return real(agent, file)
 
     monkeypatch.setattr(InstanceAgent, "download", flaky)
-    monkeypatch.setattr(agent_module, "FETCH_RETRY_WAIT", 0.01)
+    monkeypatch.setattr(fetching, "FETCH_RETRY_WAIT", 0.01)
     result = _run(settings_for(tmp_path, high.port, low.port),
                   prompt_file(tmp_path, "flaky", 101))
     assert result.all_done, result.summary
     attempts = _events(tmp_path, "job_attempt_failed")  # none while the agent tries again
-    assert len(attempts) == (failures == agent_module.FETCH_ATTEMPTS)
+    assert len(attempts) == (failures == fetching.FETCH_ATTEMPTS)
     for attempt in attempts:
         assert attempt.job_id == "b0001/L1" and "cannot fetch b0001-flaky/high_001_00001_" \
             ".latent from high_priority" in attempt.error

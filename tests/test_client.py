@@ -34,13 +34,14 @@ from instances.client import (
     rejection_text,
     ws_url,
 )
-from instances.simulator import SimConfig, SimulatorHandle, start_simulator
 from instances.workflow import load_workflow
+from simulator import SimConfig, SimulatorHandle, start_simulator
 from statemachine.errors import (
     BadConfig,
+    InstanceTrouble,
     InstanceUnreachable,
     PermanentDispatchError,
-    TransientDispatchError,
+    ServerError,
 )
 from statemachine.planner import PromptSpec, plan_batch
 
@@ -403,11 +404,13 @@ def test_a_proxy_named_in_the_environment_is_used_unless_no_proxy_says_otherwise
         ComfyClient("http://gpu.comfy-dual.invalid:8188", connect_timeout=1.0).system_stats()
 
 
-def test_http_500_is_transient(sim: SimulatorHandle, client: ComfyClient) -> None:
+def test_http_500_is_the_instance_s_trouble(sim: SimulatorHandle, client: ComfyClient
+                                            ) -> None:
     sim.set_faults(http_500=True)
-    with pytest.raises(TransientDispatchError, match="HTTP 500"):
+    with pytest.raises(ServerError, match="HTTP 500") as caught:
         client.submit(SIMPLE, prompt_id=new_id(), client_id="tests")
-    with pytest.raises(TransientDispatchError):
+    assert isinstance(caught.value, InstanceTrouble)
+    with pytest.raises(ServerError):
         client.queue()
     sim.set_faults(http_500=False)
     assert client.queue() == QueueSnapshot((), ())

@@ -23,6 +23,15 @@ def run_daemon(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout, cwd=PROJECT)
 
 
+def test_the_production_daemon_imports_neither_the_simulator_nor_aiohttp():
+    """The simulator (and aiohttp under it) is loaded only by ``--simulate``."""
+    check = ("import daemon, sys; "
+             "assert 'aiohttp' not in sys.modules and 'simulator' not in sys.modules")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                          timeout=60, cwd=PROJECT)
+    assert done.returncode == 0, done.stderr
+
+
 def test_dry_run_writes_the_plan_and_every_rendered_workflow(tmp_path, capsys):
     code = daemon.main(["--dry-run", "--state-dir", str(tmp_path), *map(str, EXAMPLES)])
     assert code == 0

@@ -18,7 +18,7 @@ from support import log_lines
 import config
 import daemon
 from instances.agent import InstanceAgent
-from instances.simulator import SimConfig, start_simulator
+from simulator import SimConfig, start_simulator
 from statemachine.log import EventLog
 from statemachine.store import read_records
 from statemachine.timeline import build_timeline

@@ -11,6 +11,7 @@ from support import dispatch, make_plan
 
 import submit
 from service import report
+from statedir import StateDir
 from statemachine import events as ev
 from statemachine.log import EventLog, MemoryLog
 from statemachine.planner import PromptSpec, plan_batch
@@ -187,7 +188,7 @@ def test_named_batches_only_and_time_zero_is_the_first_ones_acceptance(
 
 
 def test_a_running_daemons_clock_ends_the_attempts_in_flight(state):
-    tl = submit.read_timeline(submit.StateFiles.under(state))
+    tl = submit.read_timeline(StateDir(state))
     stopped, running = (report.chart(tl, ["b0003"], now) for now in (None, T0 + 16))
     assert (stopped.makespan, running.makespan) == (pytest.approx(2), pytest.approx(10))
     assert running.busy_share("high") == pytest.approx(9.5 / 10)

@@ -1,10 +1,16 @@
-"""Stateful property test of the core: the store, its rules and the scheduler, driven the
-way the daemon drives them, with crashes and replays, checked after every step.
+"""Stateful property test of the daemon's core: the real loop (``Loop.run_once``) over
+fake agents and a fake clock, with its store, rules and scheduler, with crashes, restarts
+and replays, checked after every step.
 
-Half the layouts let instances steal (``steal_types``); the scheduler then gets estimates
-like the daemon's (costs drawn at the start of each run; each instance's queue tail and
-expected busy time, unfinished jobs per kind, worked out here independently of the store,
-which must agree where it keeps the same figures).
+Each step is something a server, a person or the clock does: a server accepts, starts or
+ends a job, answers a reconnection's question, goes down or comes up, lets go of prompts
+it was told to stop; a person submits a file, cancels or retries a batch; time passes;
+the daemon crashes mid-turn and restarts. The loop then runs until it has nothing more to
+do, and the scheduler's choices in each of its turns are checked against rules restated
+here independently of its code.
+
+Half the layouts let instances steal (``steal_types``); the loop's estimates come from the
+configured JOB_DURATIONS and SWITCH_COST and from the runs it sees.
 
 The budget is set by COMFY_DUAL_EXAMPLES (default 200); `make soak` runs it with 2,000.
 """
@@ -12,22 +18,24 @@ The budget is set by COMFY_DUAL_EXAMPLES (default 200); `make soak` runs it with
 from __future__ import annotations
 
 import os
-import uuid
+import shutil
+import tempfile
 from collections import Counter
-from dataclasses import replace
+from pathlib import Path
 
+from fakes import FakeAgent, Harness
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from support import Inst, make_plan
 
+from instances.messages import Withdrawn
+from service.intake import SubmitFile
 from statemachine import events as ev
-from statemachine.estimates import expected_busy
-from statemachine.job import IN_FLIGHT, JOB_FINAL, BatchState, JobState
+from statemachine.job import IN_FLIGHT, JOB_FINAL, BatchState, Job, JobState
 from statemachine.log import MemoryLog
 from statemachine.plan import JobKind
-from statemachine.rules import Policy, cancel_batch, failure_event, retry_batch
-from statemachine.scheduler import Costs, InstanceView, schedule
+from statemachine.scheduler import InstanceView
 from statemachine.store import Store
 
 
@@ -56,11 +64,13 @@ LAYOUTS = {
 }
 STEALING = sorted(name for name, layout in LAYOUTS.items()
                   if any(i.steal_types for i in layout))  # drawn twice as often
-COSTS = (None, Costs({"HIGH": 1.0, "LOW": 1.0, "COMBINE": 0.2}),
-         Costs({"HIGH": 1.0, "LOW": 2.0, "COMBINE": 0.2}, switch_cost=0.5),
-         Costs({"HIGH": 1.0, "LOW": 5.0, "COMBINE": 0.1}),
-         Costs({"HIGH": 4.0, "LOW": 1.0}, switch_cost=1.0, default_duration=0.5))
+# (JOB_DURATIONS, SWITCH_COST): nothing known until runs are seen, or run times configured
+COSTS = (({}, "learn"), ({"HIGH": 1.0, "LOW": 1.0, "COMBINE": 0.2}, 0.0),
+         ({"HIGH": 1.0, "LOW": 2.0, "COMBINE": 0.2}, 0.5),
+         ({"HIGH": 1.0, "LOW": 5.0, "COMBINE": 0.1}, 0.0),
+         ({"HIGH": 4.0, "LOW": 1.0}, 1.0))
 MAX_BATCHES = 5
+INSTANCE_LOST_TIMEOUT = 120
 EXAMPLES = int(os.environ.get("COMFY_DUAL_EXAMPLES", "200"))
 
 
@@ -113,32 +123,61 @@ class CoreMachine(RuleBasedStateMachine):
                 costs=st.sampled_from(COSTS))
     def setup(self, layout, gate, fallback, combine_concurrency, max_retries, costs):
         self.instances = LAYOUTS[layout]
-        self.costs = costs
         self.fallback = fallback
         self.combine_concurrency = combine_concurrency
-        self.policy = Policy(max_retries=max_retries, retry_delay=5, retry_delay_max=20,
-                             combine_gate=gate)
+        self.dir = Path(tempfile.mkdtemp(prefix="core-machine-"))
         self.log = MemoryLog()
-        self.now = 0.0
+        self.h = Harness(self.dir, [
+            {"instance_id": i.instance_id, "host": "127.0.0.1", "port": 8188 + n,
+             "job_types": sorted(i.job_types), "max_concurrent": i.max_concurrent,
+             "steal_types": sorted(i.steal_types)} for n, i in enumerate(self.instances)],
+            event_log=self.log, FALLBACK=fallback, COMBINE_GATE=gate,
+            COMBINE_CONCURRENCY=combine_concurrency, MAX_RETRIES=max_retries,
+            RETRY_DELAY=5, RETRY_DELAY_MAX=20, JOB_DURATIONS=costs[0], SWITCH_COST=costs[1],
+            INSTANCE_LOST_TIMEOUT=INSTANCE_LOST_TIMEOUT)
+        self.h.clock.now = 0.0
+        self.server_up = {i.instance_id: True for i in self.instances}
         self.submitted = 0
         self.fallback_jobs: set[str] = set()
         self.stolen_jobs: set[str] = set()
         self.last_kind: dict[str, str] = {}  # instance -> kind of the last job sent there
-        self.started_at: dict[str, float] = {}
-        self.states: dict[int, dict] = {}
-        self._open(Store(self.log, self.policy))
-        self.states[0] = self.store.snapshot()
-        for inst in self.instances:
-            self.store.record(ev.InstanceUp(inst.instance_id), self.now)
-        self.turn()
+        self.states: dict[int, dict] = {0: self.h.store.snapshot()}
+        self._watch()
+        self.restart_probes()
 
-    def _open(self, store: Store) -> None:
-        self.store = store
-        store.listeners.append(self._observe)
+    @property
+    def store(self) -> Store:
+        return self.h.store
+
+    @property
+    def now(self) -> float:
+        return self.h.clock()
+
+    @property
+    def policy(self):
+        return self.store.policy
+
+    def agent(self, job: Job) -> FakeAgent:
+        return self.h[str(job.instance_id)]
+
+    def _watch(self) -> None:
+        """Check each turn's scheduling, and keep the store's state after every event."""
+        self.store.listeners.append(self._observe)
+        dispatch = self.h.loop.dispatcher.dispatch
+
+        def checked_dispatch(now: float):
+            views = self.store.instance_views(self.instances, now=now)
+            ready = list(self.store.ready.values())
+            costs = self.store.estimates.costs()
+            picks = dispatch(now)
+            self.check_fifo(picks, ready, views)
+            self.check_steals(picks, ready, views, known=bool(costs.durations))
+            self.note_picks(picks, views)
+            return picks
+
+        self.h.loop.dispatcher.dispatch = checked_dispatch
 
     def _observe(self, rec: ev.Recorded, subject) -> None:
-        if isinstance(rec.event, ev.JobStarted):
-            self.started_at[rec.event.job_id] = rec.ts
         if isinstance(rec.event, ev.BatchGateOpened):
             batch = self.store.batches[rec.event.batch_id]
             assert batch.renders_left == 0, "gate opened before the batch rendered"
@@ -146,37 +185,7 @@ class CoreMachine(RuleBasedStateMachine):
                 assert self.store.unfinished_renders == 0, "global gate opened early"
         self.states[rec.seq] = self.store.snapshot()
 
-    # --- the daemon's turn: schedule, record intents, commit ---------------------------
-
-    def views(self):
-        """What the daemon tells the scheduler about each instance, estimates included."""
-        views = self.store.instance_views(self.instances, now=self.now)
-        return [replace(v, **self.estimates(inst))
-                for v, inst in zip(views, self.instances, strict=True)]
-
-    def estimates(self, inst: Inst) -> dict:
-        mine = [j for j in self.store.in_flight.values() if j.instance_id == inst.instance_id]
-        queue = [(j.kind.value, self.started_at.get(j.job_id) if j.state is JobState.RUNNING
-                  else None) for j in mine]
-        return {"last_kind": self.last_kind.get(inst.instance_id),
-                "busy_for": expected_busy(queue, now=self.now, before=None,
-                                          costs=self.costs or Costs()),
-                "foreign_in_flight": sum(1 for j in mine if j.kind.value not in inst.job_types)}
-
-    def unfinished(self) -> Counter:
-        """Renders not ended, and COMBINE jobs not ended behind an open gate."""
-        return Counter(j.kind.value for j in self.store.jobs.values() if j.state not in JOB_FINAL
-                       and (j.kind.renders or j.batch.state is BatchState.COMBINING))
-
-    def turn(self) -> None:
-        views = self.views()
-        ready = list(self.store.ready.values())
-        picks = schedule(ready, views, now=self.now, fallback=self.fallback,
-                         combine_concurrency=self.combine_concurrency,
-                         combines_in_flight=self.store.combines_in_flight(),
-                         costs=self.costs, unfinished=self.unfinished())
-        self.check_fifo(picks, ready, views)
-        self.check_steals(picks, ready, views)
+    def note_picks(self, picks, views) -> None:
         for pick in picks:
             job = self.store.jobs[pick.job_id]
             assert not self.store.abandoned.get(pick.instance_id), \
@@ -191,9 +200,28 @@ class CoreMachine(RuleBasedStateMachine):
             elif pick.stolen:
                 self.stolen_jobs.add(pick.job_id)
             self.last_kind[pick.instance_id] = job.kind.value
-            self.store.record(ev.JobDispatchIntent(pick.job_id, pick.instance_id,
-                                                   str(uuid.uuid4())), self.now)
-        self.store.commit()
+
+    def settle(self) -> None:
+        self.h.settle()
+
+    def restart_probes(self) -> None:
+        """Every agent's first probe after a start tells how its server is."""
+        for instance_id, up in self.server_up.items():
+            self.h[instance_id].health(up, "probe")
+        self.settle()
+
+    def views(self) -> list[InstanceView]:
+        return self.store.instance_views(self.instances, now=self.now)
+
+    def estimates(self, inst: Inst) -> dict:
+        mine = [j for j in self.store.in_flight.values() if j.instance_id == inst.instance_id]
+        return {"last_kind": self.last_kind.get(inst.instance_id),
+                "foreign_in_flight": sum(1 for j in mine if j.kind.value not in inst.job_types)}
+
+    def unfinished(self) -> Counter:
+        """Renders not ended, and COMBINE jobs not ended behind an open gate."""
+        return Counter(j.kind.value for j in self.store.jobs.values() if j.state not in JOB_FINAL
+                       and (j.kind.renders or j.batch.state is BatchState.COMBINING))
 
     def check_fifo(self, picks, ready, views) -> None:
         """No eligible job is passed over for one that comes after it in line (``place``),
@@ -214,7 +242,7 @@ class CoreMachine(RuleBasedStateMachine):
                 assert not may_run(other.kind, by_id[instance_id], views, self.fallback), (
                     f"{other.job_id} was ready before {job_id} and skipped")
 
-    def check_steals(self, picks, ready, views) -> None:
+    def check_steals(self, picks, ready, views, *, known: bool) -> None:
         """A steal takes a job of one of the thief's steal_types that no instance of its
         type had room for, onto an UP thief that holds no other foreign job and has none
         of its own (or fallback) work waiting; nothing is stolen without estimates."""
@@ -233,7 +261,7 @@ class CoreMachine(RuleBasedStateMachine):
         steals = [p for p in picks if p.stolen]
         if steals:
             event("a job was stolen")  # `pytest --hypothesis-show-statistics` counts them
-        assert self.costs is not None or not steals, "stolen without estimates"
+        assert known or not steals, "stolen without estimates"
         assert len({p.instance_id for p in steals}) == len(steals), "two steals at once"
         for pick in steals:
             job, thief = self.store.jobs[pick.job_id], by_id[pick.instance_id]
@@ -254,16 +282,18 @@ class CoreMachine(RuleBasedStateMachine):
     @rule(frames=st.integers(1, 350), chunk=st.sampled_from([50, 101, 200]),
           priority=st.integers(0, 2))
     def submit(self, frames, chunk, priority):
-        batch_id = f"b{self.submitted}"
+        path = self.dir / f"video{self.submitted}.toml"
+        path.write_text(f'name = "video {self.submitted}"\nframes = {frames}\n'
+                        f'positive = "a test"\nframes_per_chunk = {chunk}\n'
+                        f"priority = {priority}\n")
+        self.h.loop.post(SubmitFile(self.submitted, path))
         self.submitted += 1
-        self.store.record(ev.BatchAccepted(make_plan(batch_id, frames, chunk, priority)),
-                          self.now)
-        self.turn()
+        self.settle()
 
     @rule(dt=st.sampled_from([0.5, 3, 10, 30]))
     def tick(self, dt):
-        self.now += dt
-        self.turn()
+        self.h.clock.advance(dt)
+        self.settle()
 
     def pick_in_flight(self, index: int, states=IN_FLIGHT):
         jobs = [j for j in self.store.in_flight.values() if j.state in states]
@@ -275,33 +305,36 @@ class CoreMachine(RuleBasedStateMachine):
         if job is None:
             return
         if job.state is JobState.DISPATCHING:
-            self.store.record(ev.JobQueued(job.job_id, job.prompt_id, index), self.now)
+            self.agent(job).accept(job.job_id)
         else:
-            self.store.record(ev.JobStarted(job.job_id, job.prompt_id), self.now)
-        self.turn()
+            self.agent(job).start(job.job_id)
+        self.settle()
 
     @rule(index=st.integers(0, 100),
           outcome=st.sampled_from(["success"] * 6 + ["retryable", "permanent", "lost"]))
     def server_finishes(self, index, outcome):
+        """A job ends on its server: a success, an error, a success that did not write
+        its files (the graph ran only in part), or, asked after a reconnection, the
+        server no longer knows it."""
         job = self.pick_in_flight(index)
         if job is None:
             return
+        attempts_before, agent = job.attempts, self.agent(job)
         if outcome == "success":
-            event = ev.JobSucceeded(job.job_id, job.prompt_id, {"9": {"images": []}})
-        elif outcome == "lost":
-            event = ev.JobLost(job.job_id, job.prompt_id, "instance restarted")
+            agent.finish(job.job_id)
+        elif outcome == "retryable":
+            agent.finish(job.job_id, status="error", error="CUDA out of memory")
+        elif outcome == "permanent":
+            agent.finish(job.job_id, written=False)
         else:
-            event = failure_event(job, f"{outcome} error", permanent=outcome == "permanent",
-                                  now=self.now, policy=self.policy)
-        attempts_before = job.attempts
-        self.store.record(event, self.now)
+            agent.answer_check(job.job_id, "gone")
+        self.settle()
         if outcome == "retryable":
             retried = attempts_before < self.policy.max_retries
             assert job.state is (JobState.READY if retried else JobState.FAILED), job
             if retried:
                 delay = min(5 * 2 ** attempts_before, 20)
                 assert job.eligible_at == self.now + delay
-        self.turn()
 
     @rule(n=st.integers(1, 12))
     def servers_finish_many(self, n):
@@ -310,65 +343,70 @@ class CoreMachine(RuleBasedStateMachine):
             if not self.store.in_flight:
                 break
             job = next(iter(self.store.in_flight.values()))
-            self.store.record(ev.JobSucceeded(job.job_id, job.prompt_id, {}), self.now)
-            self.turn()
+            self.agent(job).finish(job.job_id)
+            self.settle()
 
     @rule(index=st.integers(0, 10), up=st.booleans())
     def instance_health(self, index, up):
         inst = self.instances[index % len(self.instances)]
-        if self.store.instance_up.get(inst.instance_id) == up:
-            return
-        event = ev.InstanceUp(inst.instance_id) if up else ev.InstanceDown(inst.instance_id,
-                                                                             "probe failed")
-        self.store.record(event, self.now)
-        self.turn()
+        self.server_up[inst.instance_id] = up
+        self.h[inst.instance_id].health(up, "probe")
+        self.settle()
 
     @rule(index=st.integers(0, 10))
-    def instance_loses_its_jobs(self, index):
+    def instance_lost(self, index):
+        """An instance is unreachable for INSTANCE_LOST_TIMEOUT: its jobs go elsewhere."""
         inst = self.instances[index % len(self.instances)]
-        for job in [j for j in self.store.in_flight.values() if j.instance_id == inst.instance_id]:
-            self.store.record(ev.JobLost(job.job_id, job.prompt_id, "instance lost"), self.now)
-        self.turn()
+        self.server_up[inst.instance_id] = False
+        self.h[inst.instance_id].health(False, "connection refused")
+        self.settle()
+        self.h.clock.advance(INSTANCE_LOST_TIMEOUT)
+        self.settle()
+        assert not any(j.instance_id == inst.instance_id for j in self.store.in_flight.values())
 
     @rule(index=st.integers(0, 10), part=st.booleans())
     def server_withdraws(self, index, part):
-        """The daemon made sure the prompts it gave up on no longer run on an instance
-        (some of them, if ``part``)."""
+        """The server shows that prompts the daemon gave up on no longer run there (some
+        of them, if ``part``)."""
         inst = self.instances[index % len(self.instances)]
         prompts = sorted(self.store.abandoned.get(inst.instance_id, ()))
         if prompts:
             taken = tuple(prompts[: len(prompts) // 2 or 1] if part else prompts)
-            self.store.record(ev.PromptsWithdrawn(inst.instance_id, taken), self.now)
-            self.turn()
+            self.h.loop.post(Withdrawn(inst.instance_id, taken))
+            self.settle()
 
     @rule(index=st.integers(0, 10))
     def user_cancels(self, index):
         batches = list(self.store.open_batches())
         if batches:
-            for event in cancel_batch(batches[index % len(batches)], "user"):
-                self.store.record(event, self.now)
-        self.turn()
+            ok, _ = self.h.loop.intake.run_command(
+                "cancel", batches[index % len(batches)].batch_id, self.now)
+            assert ok
+        self.settle()
 
     @rule(index=st.integers(0, 10))
     def user_retries(self, index):
         ended = [b for b in self.store.batches.values()
                  if b.state in (BatchState.FAILED, BatchState.CANCELLED)]
         if ended:
-            for event in retry_batch(ended[index % len(ended)]):
-                self.store.record(event, self.now)
-        self.turn()
+            ok, _ = self.h.loop.intake.run_command(
+                "retry", ended[index % len(ended)].batch_id, self.now)
+            assert ok
+        self.settle()
 
     @rule(frames=st.integers(1, 300))
     def crash_mid_turn(self, frames):
-        """Record part of a turn without committing, crash, and replay the log."""
+        """A turn records part of its events and the daemon dies before the commit; it
+        restarts on the log, its agents probe the servers again."""
         committed = self.store.seq
         self.store.record(ev.BatchAccepted(make_plan(f"lost{self.now}-{frames}", frames)),
                           self.now)
         self.log.crash()
-        self._open(Store.open(self.log, self.policy))
+        self.h.open()
         assert self.store.seq == committed
         assert self.store.snapshot() == self.states[committed]
-        self.turn()
+        self._watch()
+        self.restart_probes()
 
     @rule(data=st.data())
     def replay_any_prefix(self, data):
@@ -381,7 +419,7 @@ class CoreMachine(RuleBasedStateMachine):
 
     @rule()
     def compact(self):
-        self.store.compact()
+        self.h.loop.journal.snapshot()
         assert Store.open(self.log, self.policy).snapshot() == self.store.snapshot()
 
     # --- invariants ----------------------------------------------------------------------
@@ -477,26 +515,28 @@ class CoreMachine(RuleBasedStateMachine):
 
     def teardown(self):
         """Liveness: once every instance is up and every render succeeds, all batches end."""
-        if not hasattr(self, "store"):
+        if not hasattr(self, "h"):
             return
-        for inst in self.instances:
-            if not self.store.instance_up.get(inst.instance_id):
-                self.store.record(ev.InstanceUp(inst.instance_id), self.now)
-        for _ in range(2000):
-            for instance_id, prompts in list(self.store.abandoned.items()):
-                self.store.record(ev.PromptsWithdrawn(instance_id, tuple(sorted(prompts))),
-                                  self.now)
-            self.turn()
-            if not self.store.in_flight and not self.store.ready:
-                break
-            if not self.store.in_flight:
-                self.now += 60
-                continue
-            job = next(iter(self.store.in_flight.values()))
-            self.store.record(ev.JobSucceeded(job.job_id, job.prompt_id, {}), self.now)
-        for batch in self.store.batches.values():
-            assert batch.state in (BatchState.DONE, BatchState.FAILED, BatchState.CANCELLED), (
-                f"{batch!r} never ended")
+        try:
+            for instance_id in self.server_up:
+                self.server_up[instance_id] = True
+                self.h[instance_id].health(True, "probe")
+            for _ in range(2000):
+                for instance_id, prompts in list(self.store.abandoned.items()):
+                    self.h.loop.post(Withdrawn(instance_id, tuple(sorted(prompts))))
+                self.settle()
+                if not self.store.in_flight and not self.store.ready:
+                    break
+                if not self.store.in_flight:
+                    self.h.clock.advance(60)
+                    continue
+                job = next(iter(self.store.in_flight.values()))
+                self.agent(job).finish(job.job_id)
+            for batch in self.store.batches.values():
+                assert batch.state in (BatchState.DONE, BatchState.FAILED,
+                                       BatchState.CANCELLED), f"{batch!r} never ended"
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 CoreMachine.TestCase.settings = settings(

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from instances.simulator import SCRATCH_PREFIX, start_simulator, sweep_orphans
+from simulator import SCRATCH_PREFIX, start_simulator, sweep_orphans
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,7 +45,7 @@ def test_a_stopped_simulator_starts_again_with_a_fresh_scratch_directory() -> No
 
 def test_the_scratch_of_a_sigkilled_process_is_swept_by_the_next_simulator(tmp_path) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "instances.simulator", "--port", "0",
+        [sys.executable, "-m", "simulator", "--port", "0",
          "--output-dir", str(tmp_path / "out"), "--input-dir", str(tmp_path / "in")],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:

@@ -33,8 +33,8 @@ import requests
 import websocket
 from support import wait_for
 
-from instances.sim_files import tiny_latent, tiny_png
-from instances.simulator import SimConfig, SimulatorHandle, start_simulator
+from simulator import SimConfig, SimulatorHandle, start_simulator
+from simulator.files import tiny_latent, tiny_png
 from statemachine.errors import BadConfig
 
 RECORDED = Path(__file__).parent / "recorded"
@@ -942,7 +942,7 @@ def test_fault_knobs_are_checked() -> None:
 
 
 def test_process_mode_listens_and_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "instances.simulator", "--port", "0", "--duration",
+    command = [sys.executable, "-m", "simulator", "--port", "0", "--duration",
                "HIGH=0.01", "--switch-cost", "0", "--output-dir", str(tmp_path)]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:

@@ -9,11 +9,11 @@ import orjson
 import pytest
 from support import make_plan, run_to_success
 
-import submit
 from statemachine import events as ev
+from statemachine.durable import write_atomic
 from statemachine.errors import CorruptLog
 from statemachine.job import JobState
-from statemachine.log import EventLog, snapshot_bytes, write_atomic
+from statemachine.log import EventLog, LogReader, snapshot_bytes
 from statemachine.store import Store, read_records
 
 
@@ -180,7 +180,7 @@ def test_submit_reads_snapshot_and_segments_without_writing(tmp_path):
     store.compact()
     more(store, 2)
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    reader = submit.LogReader(submit.StateFiles.under(tmp_path))
+    reader = LogReader(tmp_path)
     try:
         assert Store.open(reader).snapshot() == store.snapshot()
         assert [r.seq for r in read_records(reader)] == list(range(1, store.seq + 1))
@@ -191,7 +191,7 @@ def test_submit_reads_snapshot_and_segments_without_writing(tmp_path):
 
 def test_the_reader_keeps_reading_the_live_segment_it_opened_when_it_is_rotated(tmp_path):
     store = busy_store(tmp_path)
-    reader = submit.LogReader(submit.StateFiles.under(tmp_path))
+    reader = LogReader(tmp_path)
     try:
         store.compact()  # after the reader opened events.jsonl: it is now a segment
         more(store, 2)

@@ -22,8 +22,9 @@ from service.lock import StateLock
 from service.status import status_view, write_status_file
 from spool.commands import pending_commands, reply
 from spool.layout import MAX_NAME_BYTES
+from statedir import StateDir
 from statemachine import events as ev
-from statemachine.log import EventLog, MemoryLog
+from statemachine.log import EventLog, LogReader, MemoryLog
 from statemachine.store import Store
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -316,7 +317,7 @@ def test_status_with_a_daemon_but_no_status_file_yet_replays(capsys, state, daem
 def test_replay_stays_whole_when_the_daemon_compacts_between_log_and_snapshot(state):
     """The reader holds the old log open; the snapshot it then reads is newer: consistent."""
     write_log(state)
-    reader = submit.LogReader(submit.StateFiles.under(state))
+    reader = LogReader(state)
     log = EventLog(state)
     store = Store.open(log)
     store.record(ev.BatchAccepted(make_plan("b0004")), now=5.0)
@@ -407,7 +408,7 @@ def test_watch_redraws_until_the_watched_batches_end(state, daemon):
 def test_watch_exits_1_when_a_watched_batch_fails(capsys, state, daemon):
     write_status(state, live_store())
     settings = config.load_settings(overrides={"STATE_DIR": state})
-    code = submit.watch(settings, submit.StateFiles.under(state), interval=0, tty=True,
+    code = submit.watch(settings, StateDir(state), interval=0, tty=True,
                         pause=lambda _: write_status(state, live_store("failed")))
     out = capsys.readouterr().out
     assert code == 1
@@ -418,7 +419,7 @@ def test_watch_exits_1_when_a_watched_batch_fails(capsys, state, daemon):
 def test_watch_on_a_terminal_draws_a_progress_bar_per_running_job(state, daemon):
     write_status(state, live_store())
     settings = config.load_settings(overrides={"STATE_DIR": state})
-    view = submit.load_view(settings, submit.StateFiles.under(state))
+    view = submit.load_view(settings, StateDir(state))
     text = submit.render_status(view, time.time(), tty=True)
     (line,) = [line for line in text.splitlines() if "b0001/H1" in line]
     assert "\u2501" in line and "\x1b[" in line  # rich's bar, in colour

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import log_lines, planned_jobs, wait_for
 
 import submit
-from instances.simulator import SimConfig, start_simulator
+from simulator import SimConfig, start_simulator
 
 PROJECT = Path(__file__).resolve().parent.parent
 DURATIONS = {"HIGH": 0.1, "LOW": 0.1, "COMBINE": 0.03}

@@ -12,19 +12,19 @@ import pytest
 import config
 import daemon
 from instances.client import ComfyClient
-from instances.simulator import start_simulator
 from instances.workflow import (
+    STOCK_OBJECT_INFO,
     Workflow,
     bindings_path,
     check_against_object_info,
     load_workflow,
     render,
 )
+from simulator import start_simulator
 from statemachine.errors import BadConfig
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "workflows" / "demo"
-OBJECT_INFO = REPO / "instances" / "data" / "object_info.json"
 
 TEMPLATE: dict[str, Any] = {
     "3": {"class_type": "KSampler",
@@ -209,7 +209,7 @@ def test_a_rendered_graph_shares_nothing_with_its_template(tmp_path: Path) -> No
 
 @pytest.fixture(scope="module")
 def object_info() -> dict[str, Any]:
-    return json.loads(OBJECT_INFO.read_text())
+    return json.loads(STOCK_OBJECT_INFO.read_text())
 
 
 def test_check_reports_problems_a_person_can_act_on(object_info: dict[str, Any]) -> None:

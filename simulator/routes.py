@@ -1,44 +1,37 @@
-"""The HTTP and websocket face of the ComfyUI simulator (aiohttp, like ComfyUI itself).
+"""The HTTP routes of the ComfyUI simulator (aiohttp, like ComfyUI itself), in groups that
+each serve one part of the API: prompts and the queue, history, server information, files
+and the debug knobs.
 
 Routes, status codes and bodies follow ComfyUI's ``server.py`` and the recorded answers
-of a real server; see ``comfyui-api.md``. Every route is also served under ``/api``.
+of a real server; see ``comfyui-api.md``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import platform
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import WSCloseCode, web
+from aiohttp import web
 
-from instances.sim_config import FaultSwitch, SimConfig
-from instances.sim_files import SimFiles
-from instances.sim_graph import NodeCatalog, check_structure, validate_prompt
-from instances.sim_state import Hub, Number, PromptQueue, QueueItem
-from instances.sim_worker import Ledger, Worker, WorkerContext, now_ms
+from simulator.config import FaultSwitch, SimConfig
+from simulator.files import SimFiles
+from simulator.graph import NodeCatalog, check_structure, validate_prompt
+from simulator.sockets import Hub
+from simulator.state import Number, PromptQueue, QueueItem
+from simulator.worker import Ledger, Worker, now_ms
 from statemachine.errors import BadConfig
 
-log = logging.getLogger(__name__)
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Route = tuple[str, str, Handler]
 
 CRASH_TEXT = "500 Internal Server Error\n\nServer got itself in trouble"
 MAX_UPLOAD = 100 * 1024 * 1024
-SHUTDOWN_SECONDS = 1.0
 FEATURES = {"supports_preview_metadata": True, "max_upload_size": MAX_UPLOAD,
             "extension": {"manager": {"supports_v4": True}}}
 FAKE_MEMORY = 24 * 1024**3
-
-
-def _report_crash(task: asyncio.Task[None]) -> None:
-    """A worker that dies of a bug must not go unnoticed (it stops all execution)."""
-    if not task.cancelled() and task.exception() is not None:
-        log.error("simulator worker crashed", exc_info=task.exception())
 
 
 def crash_response() -> web.Response:
@@ -65,109 +58,24 @@ def _no_prompt() -> web.Response:
     return _json({"error": error, "node_errors": {}}, status=400)
 
 
-class SimServer:
-    """One life of a simulated ComfyUI server: queue, history, clients and the worker."""
+class QueueRoutes:
+    """Submitting prompts (with ComfyUI's ``number`` counter), the queue and interrupts."""
 
-    def __init__(self, config: SimConfig, files: SimFiles, ledger: Ledger,
-                 faults: FaultSwitch) -> None:
+    def __init__(self, config: SimConfig, catalog: NodeCatalog, files: SimFiles,
+                 queue: PromptQueue, hub: Hub, worker: Worker, faults: FaultSwitch) -> None:
         self.config = config
+        self.catalog = catalog
         self.files = files
-        self.ledger = ledger
+        self.queue = queue
+        self.hub = hub
+        self.worker = worker
         self.faults = faults
-        self.catalog = NodeCatalog(files.list_inputs)
-        self.queue = PromptQueue()
-        self.hub = Hub()
-        self.worker = Worker(WorkerContext(config, lambda: faults.current, self.catalog, files,
-                                           self.queue, self.hub, ledger))
         self._counter = 0
-        self._sockets: dict[web.WebSocketResponse, asyncio.Transport | None] = {}
-        self._runner: web.AppRunner | None = None
-        self._worker_task: asyncio.Task[None] | None = None
 
-    async def open(self, host: str, port: int) -> int:
-        """Start serving; the bound port (useful when ``port`` is 0)."""
-        self._runner = web.AppRunner(self._app(), shutdown_timeout=SHUTDOWN_SECONDS,
-                                     access_log=None)
-        await self._runner.setup()
-        try:
-            await web.TCPSite(self._runner, host, port).start()
-        except OSError:
-            await self._runner.cleanup()
-            raise
-        self._worker_task = asyncio.create_task(self.worker.run_forever())
-        self._worker_task.add_done_callback(_report_crash)
-        return self._runner.addresses[0][1]
-
-    async def close(self, abrupt: bool) -> None:
-        """Stop: ``abrupt`` drops every connection without a word, like a killed process."""
-        if self._worker_task is not None:
-            self._worker_task.cancel()
-            await asyncio.gather(self._worker_task, return_exceptions=True)
-        for ws, transport in list(self._sockets.items()):
-            if abrupt and transport is not None:
-                transport.abort()
-            else:
-                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    def _app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_UPLOAD, middlewares=[self._fault_middleware])
-        for prefix in ("", "/api"):
-            app.router.add_routes([web.route(method, prefix + path, handler)
-                                   for method, path, handler in self._routes()])
-        return app
-
-    def _routes(self) -> list[tuple[str, str, Handler]]:
-        return [
-            ("GET", "/ws", self.websocket), ("POST", "/prompt", self.post_prompt),
-            ("GET", "/prompt", self.get_prompt), ("GET", "/queue", self.get_queue),
-            ("POST", "/queue", self.post_queue), ("GET", "/history", self.get_history),
-            ("GET", "/history/{prompt_id}", self.get_history_item),
-            ("POST", "/history", self.post_history), ("POST", "/interrupt", self.interrupt),
-            ("GET", "/system_stats", self.system_stats), ("GET", "/features", self.features),
-            ("GET", "/object_info", self.object_info),
-            ("GET", "/object_info/{node_class}", self.object_info),
-            ("POST", "/free", self.free), ("GET", "/view", self.view),
-            ("POST", "/upload/image", self.upload_image),
-            ("GET", "/debug/faults", self.get_faults), ("POST", "/debug/faults", self.set_faults),
-            ("GET", "/debug/executions", self.executions),
-        ]
-
-    @web.middleware
-    async def _fault_middleware(self, request: web.Request,
-                                handler: Handler) -> web.StreamResponse:
-        if request.path.startswith(("/debug/", "/api/debug/")):
-            return await handler(request)
-        faults = self.faults.current
-        if faults.response_delay:
-            await asyncio.sleep(faults.response_delay)
-        failing = request.method == "GET" or request.path.endswith("/prompt")
-        if faults.http_500 and failing:
-            return crash_response()
-        return await handler(request)
-
-    # --- websocket --------------------------------------------------------------------
-
-    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
-        """``/ws?clientId=``: a ``status`` with the sid, then the messages of its jobs."""
-        transport = request.transport
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        sid = request.query.get("clientId") or uuid.uuid4().hex
-        self.hub.sockets[sid] = ws
-        self._sockets[ws] = transport
-        try:
-            await self.hub.status(self.queue, sid)
-            async for _ in ws:  # clients may send feature flags: nothing to do with them
-                pass
-        finally:
-            self._sockets.pop(ws, None)
-            if self.hub.sockets.get(sid) is ws:
-                del self.hub.sockets[sid]
-        return ws
-
-    # --- prompts and queue --------------------------------------------------------------
+    def routes(self) -> list[Route]:
+        return [("POST", "/prompt", self.post_prompt), ("GET", "/prompt", self.get_prompt),
+                ("GET", "/queue", self.get_queue), ("POST", "/queue", self.post_queue),
+                ("POST", "/interrupt", self.interrupt)]
 
     async def post_prompt(self, request: web.Request) -> web.Response:
         try:
@@ -192,7 +100,7 @@ class SimServer:
             return _json({"error": validation.error, "node_errors": validation.node_errors}, 400)
         extra_data["create_time"] = now_ms()
         self.queue.put(QueueItem(number, prompt_id, prompt, extra_data, validation.good_outputs))
-        await self.hub.status(self.queue)
+        await self.hub.status()
         return _json({"prompt_id": prompt_id, "number": number,
                       "node_errors": validation.node_errors})
 
@@ -224,7 +132,7 @@ class SimServer:
         if "delete" in body:
             self.queue.delete(body["delete"])
         if self.queue.remaining() != before:
-            await self.hub.status(self.queue)
+            await self.hub.status()
         return web.Response()
 
     async def interrupt(self, request: web.Request) -> web.Response:
@@ -234,7 +142,17 @@ class SimServer:
             self.worker.interrupt(body.get("prompt_id") or None)
         return web.Response()
 
-    # --- history ------------------------------------------------------------------------
+
+class HistoryRoutes:
+    """The history of finished prompts: pages of it, one entry, clearing and deleting."""
+
+    def __init__(self, queue: PromptQueue) -> None:
+        self.queue = queue
+
+    def routes(self) -> list[Route]:
+        return [("GET", "/history", self.get_history),
+                ("GET", "/history/{prompt_id}", self.get_history_item),
+                ("POST", "/history", self.post_history)]
 
     async def get_history(self, request: web.Request) -> web.Response:
         try:
@@ -259,7 +177,18 @@ class SimServer:
             self.queue.history.pop(prompt_id, None)
         return web.Response()
 
-    # --- server information -------------------------------------------------------------
+
+class InfoRoutes:
+    """What the server says about itself: system stats, features, its node classes."""
+
+    def __init__(self, catalog: NodeCatalog) -> None:
+        self.catalog = catalog
+
+    def routes(self) -> list[Route]:
+        return [("GET", "/system_stats", self.system_stats), ("GET", "/features", self.features),
+                ("GET", "/object_info", self.object_info),
+                ("GET", "/object_info/{node_class}", self.object_info),
+                ("POST", "/free", self.free)]
 
     async def system_stats(self, request: web.Request) -> web.Response:
         memory = {"vram_total": FAKE_MEMORY, "vram_free": FAKE_MEMORY,
@@ -283,7 +212,15 @@ class SimServer:
     async def free(self, request: web.Request) -> web.Response:
         return web.Response()
 
-    # --- files --------------------------------------------------------------------------
+
+class FileRoutes:
+    """Downloading files (``/view``) and uploading them (``/upload/image``)."""
+
+    def __init__(self, files: SimFiles) -> None:
+        self.files = files
+
+    def routes(self) -> list[Route]:
+        return [("GET", "/view", self.view), ("POST", "/upload/image", self.upload_image)]
 
     async def view(self, request: web.Request) -> web.StreamResponse:
         """A file of the output/input/temp directory; 404 (empty) when missing or escaping."""
@@ -306,7 +243,18 @@ class SimServer:
             return web.Response(status=400)
         return _json({"name": name, "subfolder": subfolder, "type": folder})
 
-    # --- debug --------------------------------------------------------------------------
+
+class DebugRoutes:
+    """The simulator's own routes (no ComfyUI has them): fault knobs and executions."""
+
+    def __init__(self, faults: FaultSwitch, ledger: Ledger) -> None:
+        self.faults = faults
+        self.ledger = ledger
+
+    def routes(self) -> list[Route]:
+        return [("GET", "/debug/faults", self.get_faults),
+                ("POST", "/debug/faults", self.set_faults),
+                ("GET", "/debug/executions", self.executions)]
 
     async def get_faults(self, request: web.Request) -> web.Response:
         return _json(self.faults.current.to_dict())

@@ -109,6 +109,13 @@ class SimFiles:
         # resolved once: every save and lookup is checked against them
         self._roots = {kind: directory.resolve() for kind, directory in self.dirs.items()}
 
+    @classmethod
+    def in_scratch(cls, scratch: Path, input_dir: Path | None,
+                   output_dir: Path | None) -> SimFiles:
+        """The input and output directories given; the others in ``scratch``."""
+        return cls(input_dir or scratch / "input", output_dir or scratch / "output",
+                   scratch / "temp")
+
     def list_inputs(self, kind: str) -> list[str]:
         """Files of one kind at the top of the input directory, sorted (like ComfyUI)."""
         suffixes = INPUT_SUFFIXES.get(kind)

@@ -17,15 +17,17 @@ import threading
 import time
 import traceback
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from instances.sim_config import Faults, JobTag, SimConfig
-from instances.sim_files import OUTPUT_KINDS, SaveOutsideOutput, SimFiles, looks_like_image
-from instances.sim_graph import NodeCatalog, execution_order
-from instances.sim_state import Hub, PromptQueue, QueueItem
+from simulator.config import Faults, JobTag, SimConfig
+from simulator.files import OUTPUT_KINDS, SaveOutsideOutput, SimFiles, looks_like_image
+from simulator.graph import NodeCatalog, execution_order
+from simulator.sockets import Hub
+from simulator.state import PromptQueue, QueueItem
 
 IMAGE_LOADERS = frozenset({"LoadImage", "LoadImageMask"})
 
@@ -72,14 +74,9 @@ class Ledger:
             return copy.deepcopy(self._runs)
 
     def counts(self) -> dict[str, int]:
-        return count_by_prompt(self.executions())
-
-
-def count_by_prompt(runs: list[dict[str, Any]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for run in runs:
-        counts[run["prompt_id"]] = counts.get(run["prompt_id"], 0) + 1
-    return counts
+        """How many times each prompt_id started, in order of first start."""
+        with self._lock:
+            return dict(Counter(run["prompt_id"] for run in self._runs))
 
 
 def read_ledger(path: Path) -> list[dict[str, Any]]:
@@ -165,14 +162,14 @@ class Worker:
 
     async def _execute(self, run: JobRun, index: int) -> None:
         try:
-            await self._ctx.hub.status(self._ctx.queue)
+            await self._ctx.hub.status()
             status = await run.run()
         except asyncio.CancelledError:
             self._ctx.ledger.end(index, "lost")
             raise
         self._ctx.ledger.end(index, status)
         self._ctx.queue.finish(run.item, run.history_entry())
-        await self._ctx.hub.status(self._ctx.queue)
+        await self._ctx.hub.status()
         await run.send("executing", {"node": None, "prompt_id": run.item.prompt_id})
 
     def _plan(self, item: QueueItem, tag: JobTag, switch_cost: float) -> JobPlan:

@@ -1,5 +1,5 @@
-"""In-memory state of one simulated ComfyUI life: the prompt queue, the history and the
-websocket clients. A crash or restart throws all of it away, as ComfyUI does.
+"""In-memory state of one simulated ComfyUI life: the prompt queue and the history. A crash
+or restart throws all of it away, as ComfyUI does.
 
 Everything here runs on the server's event loop; nothing is shared with other threads.
 """
@@ -9,15 +9,10 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-import logging
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
-
-from instances.sim_config import QueueItemShape
-
-log = logging.getLogger(__name__)
+from simulator.config import QueueItemShape
 
 Number = int | float
 
@@ -94,27 +89,3 @@ class PromptQueue:
         start = max(start, 0)
         stop = len(keys) if max_items is None else start + max_items
         return {k: self.history[k] for k in keys[start:stop]}
-
-
-class Hub:
-    """Websocket clients by ``clientId``; a reconnect with the same id replaces the old one."""
-
-    def __init__(self) -> None:
-        self.sockets: dict[str, web.WebSocketResponse] = {}
-
-    async def send(self, event: str, data: dict[str, Any], sid: str | None) -> None:
-        """Send to one client, or to all when ``sid`` is ``None`` (ComfyUI's ``send_sync``)."""
-        targets = list(self.sockets.values()) if sid is None else [self.sockets.get(sid)]
-        for ws in targets:
-            if ws is None or ws.closed:
-                continue
-            try:
-                await ws.send_json({"type": event, "data": data})
-            except (ConnectionError, RuntimeError) as ex:
-                log.debug("dropping a message to a closing websocket: %s", ex)
-
-    async def status(self, queue: PromptQueue, sid: str | None = None) -> None:
-        data: dict[str, Any] = {"status": {"exec_info": {"queue_remaining": queue.remaining()}}}
-        if sid is not None:
-            data["sid"] = sid
-        await self.send("status", data, sid)

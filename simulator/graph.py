@@ -1,6 +1,6 @@
 """Node catalog and prompt validation of the ComfyUI simulator.
 
-The catalog is the ``/object_info`` of a real server (``data/object_info.json``).
+The catalog is the recorded ``/object_info`` of a stock ComfyUI (``STOCK_OBJECT_INFO``).
 Validation follows ComfyUI's ``validate_prompt``/``validate_inputs`` step by step so the
 400 answers carry the same error types, messages and nesting as the recorded ones.
 """
@@ -13,10 +13,9 @@ import json
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-OBJECT_INFO_PATH = Path(__file__).parent / "data" / "object_info.json"
+from instances.workflow import STOCK_OBJECT_INFO
 
 # (class_type, input) -> kind of file that input names in the input directory.
 INPUT_FILE_INPUTS: Mapping[tuple[str, str], str] = {
@@ -39,7 +38,7 @@ FileExists = Callable[[str], bool]
 
 @functools.cache
 def _load_object_info() -> dict[str, Any]:
-    return json.loads(OBJECT_INFO_PATH.read_text(encoding="utf-8"))
+    return json.loads(STOCK_OBJECT_INFO.read_text(encoding="utf-8"))
 
 
 class NodeCatalog:
