@@ -8,9 +8,9 @@ from typing import Any
 
 from statemachine import events as ev
 from statemachine.errors import CorruptLog
+from statemachine.fold import Fold
 from statemachine.job import Batch, BatchState, DoneSummary, Job, JobState
 from statemachine.plan import BatchPlan, upcast_v1
-from statemachine.state import State
 
 SNAPSHOT_VERSION = 3  # 2: plans in the form of event schema 2; 3: done batches summarised
 
@@ -18,29 +18,29 @@ _JOB_SAVED = ("eligible_at", "ready_seq", "attempts", "instance_id", "prompt_id"
               "error", "outputs")
 
 
-def snapshot_of(state: State) -> dict[str, Any]:
+def snapshot_of(fold: Fold) -> dict[str, Any]:
     """The whole state as plain data."""
     return {
         "version": SNAPSHOT_VERSION,
-        "seq": state.seq,
-        **state.health.snapshot(),
-        "batches": [_batch_state(b) for b in state.batches.values()],
-        "estimates": state.estimates.snapshot(),
+        "seq": fold.seq,
+        **fold.health.snapshot(),
+        "batches": [_batch_state(b) for b in fold.batches.values()],
+        "estimates": fold.estimates.snapshot(),
     }
 
 
-def restore(state: State, snap: dict[str, Any]) -> None:
-    """Fill a new ``state`` from a snapshot of any supported version."""
+def restore(fold: Fold, snap: dict[str, Any]) -> None:
+    """Fill a new ``fold`` from a snapshot of any supported version."""
     version = snap.get("version")
     if version not in (1, 2, SNAPSHOT_VERSION):
         raise CorruptLog(f"snapshot version {version!r} is not supported")
-    indexes = state.indexes
+    indexes = fold.indexes
     for b in snap["batches"]:
         plan = upcast_v1(b["plan"]) if version == 1 else b["plan"]
         if "summary" in b:
-            _restore_summary(state, b, plan)
+            _restore_summary(fold, b, plan)
             continue
-        batch = state.accept(b["accepted_at"], ev.BatchAccepted(BatchPlan.from_dict(plan)), None)
+        batch = fold.accept(b["accepted_at"], ev.BatchAccepted(BatchPlan.from_dict(plan)), None)
         batch.state, batch.reason = BatchState(b["state"]), b["reason"]
         batch.ended_at = b["ended_at"]
         indexes.batch_moved(batch)
@@ -48,22 +48,22 @@ def restore(state: State, snap: dict[str, Any]) -> None:
             _restore_job(job, saved)
             indexes.moved(job, JobState.WAITING, job.ready_seq)
         if batch.state is BatchState.DONE:  # an older snapshot listed its jobs
-            state.summarise(batch)
+            fold.summarise(batch)
     indexes.line_up()
-    state.health.restore(snap)
+    fold.health.restore(snap)
     if "estimates" in snap:  # snapshots written before estimates were kept have none
-        state.estimates.restore(snap["estimates"])
-    state.seq = snap["seq"]
+        fold.estimates.restore(snap["estimates"])
+    fold.seq = snap["seq"]
 
 
-def _restore_summary(state: State, saved: dict[str, Any], plan: dict[str, Any]) -> None:
+def _restore_summary(fold: Fold, saved: dict[str, Any], plan: dict[str, Any]) -> None:
     """A done batch from its summary: no jobs laid out, none made."""
     batch = Batch(BatchPlan.inputs_only(plan), saved["accepted_at"])
     batch.state, batch.reason = BatchState(saved["state"]), saved["reason"]
     batch.ended_at = saved["ended_at"]
     batch.summary = DoneSummary(**saved["summary"])
-    state.add_batch(batch)
-    state.indexes.state_counts[JobState.SUCCEEDED] += batch.summary.jobs
+    fold.add_batch(batch)
+    fold.indexes.state_counts[JobState.SUCCEEDED] += batch.summary.jobs
 
 
 def _batch_state(batch: Batch) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The one place state changes.
 
 ``Store.record(event, now)`` appends the event to the log, then applies it
-(``statemachine.state``), then records the events that follow from it by rule
+(``statemachine.fold``), then records the events that follow from it by rule
 (``statemachine.rules``); listeners hear of each event once it is applied. ``Store.open(log)``
 rebuilds exactly that state from a snapshot (``statemachine.snapshot``) and the log. The
 caller commits (one fsync per loop turn) with ``Store.commit()``.
@@ -20,12 +20,12 @@ import orjson
 from statemachine import events as ev
 from statemachine.errors import CorruptLog
 from statemachine.estimates import Estimates
+from statemachine.fold import Fold
 from statemachine.job import BATCH_FINAL, Batch, Job, JobState
 from statemachine.log import Log
 from statemachine.rules import Policy, follow_ups
 from statemachine.scheduler import InstanceView
 from statemachine.snapshot import restore, snapshot_of
-from statemachine.state import State
 
 Listener = Callable[[ev.Recorded, Any], None]
 
@@ -36,7 +36,7 @@ class Store:
     def __init__(self, log: Log, policy: Policy | None = None) -> None:
         self.log = log
         self.policy = policy or Policy()
-        self.state = State(Estimates(self.policy.job_durations, self.policy.switch_cost))
+        self.fold = Fold(Estimates(self.policy.job_durations, self.policy.switch_cost))
         self.listeners: list[Listener] = []
         self.snapshot_seq = 0  # of the snapshot it opened from or last wrote (0: none)
 
@@ -47,8 +47,8 @@ class Store:
 
         Raises IllegalTransition (and records nothing) if the event is not allowed now.
         """
-        rec = ev.Recorded(self.state.seq + 1, now, event)
-        subject = self.state.apply(rec.seq, now, event, lambda: self.log.append(ev.encode(rec)))
+        rec = ev.Recorded(self.fold.seq + 1, now, event)
+        subject = self.fold.apply(rec.seq, now, event, lambda: self.log.append(ev.encode(rec)))
         for listener in self.listeners:
             listener(rec, subject)
         for follow in follow_ups(self, event):
@@ -67,9 +67,9 @@ class Store:
         with _no_full_collections():
             snapshot = log.load_snapshot()
             if snapshot is not None:
-                restore(store.state, orjson.loads(snapshot))
+                restore(store.fold, orjson.loads(snapshot))
                 store.snapshot_seq = store.seq
-            store.state.replay(log.lines(), log.locate)
+            store.fold.replay(log.lines(), log.locate)
         return store
 
     def compact(self) -> None:
@@ -80,73 +80,73 @@ class Store:
 
     def snapshot(self) -> dict[str, Any]:
         """The whole state as plain data; equal snapshots mean equal stores."""
-        return snapshot_of(self.state)
+        return snapshot_of(self.fold)
 
     # --- what the rules, the loop and the reports read --------------------------------
 
     @property
     def seq(self) -> int:
-        return self.state.seq
+        return self.fold.seq
 
     @property
     def jobs(self) -> dict[str, Job]:
-        return self.state.jobs
+        return self.fold.jobs
 
     @property
     def batches(self) -> dict[str, Batch]:
-        return self.state.batches
+        return self.fold.batches
 
     @property
     def by_sha256(self) -> dict[str, str]:
         """The latest batch of each file, by the file's hash."""
-        return self.state.by_sha256
+        return self.fold.by_sha256
 
     @property
     def estimates(self) -> Estimates:
-        return self.state.estimates
+        return self.fold.estimates
 
     @property
     def ready(self) -> dict[str, Job]:
         """The ready jobs, in the order they became ready."""
-        return self.state.indexes.ready
+        return self.fold.indexes.ready
 
     @property
     def in_flight(self) -> dict[str, Job]:
-        return self.state.indexes.in_flight
+        return self.fold.indexes.in_flight
 
     @property
     def state_counts(self) -> Counter[JobState]:
         """Jobs in each state (a done batch's jobs count as succeeded)."""
-        return self.state.indexes.state_counts
+        return self.fold.indexes.state_counts
 
     @property
     def unfinished_renders(self) -> int:
-        return self.state.indexes.unfinished_renders
+        return self.fold.indexes.unfinished_renders
 
     def coming_work(self) -> dict[str, int]:
-        return self.state.indexes.coming_work()
+        return self.fold.indexes.coming_work()
 
     def combines_coming(self) -> bool:
-        return self.state.indexes.combines_coming()
+        return self.fold.indexes.combines_coming()
 
     def combines_in_flight(self) -> int:
-        return self.state.indexes.combines_in_flight()
+        return self.fold.indexes.combines_in_flight()
 
     def open_batches(self) -> Iterable[Batch]:
         return (b for b in self.batches.values() if b.state not in BATCH_FINAL)
 
     @property
     def instance_up(self) -> dict[str, bool]:
-        return self.state.health.up
+        return self.fold.health.up
 
     @property
     def abandoned(self) -> dict[str, set[str]]:
         """Instance -> the prompts it may still run after the daemon gave up on them."""
-        return self.state.health.abandoned
+        return self.fold.health.abandoned
 
     def instance_views(self, instances: Iterable[Any], *, now: float) -> list[InstanceView]:
         """Scheduler input for configured instances (``InstanceHealth.views``)."""
-        return self.state.health.views(instances, self.in_flight.values(), self.estimates, now)
+        return self.fold.health.views(instances, self.in_flight.values(), self.estimates, now)
 
 
 @contextmanager

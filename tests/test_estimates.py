@@ -106,7 +106,7 @@ def test_a_snapshot_from_before_estimates_still_opens():
     saved = store.snapshot()
     del saved["estimates"]
     old = Store(MemoryLog())
-    restore(old.state, saved)
+    restore(old.fold, saved)
     assert old.estimates.costs() == Costs()
     assert old.coming_work() == store.coming_work()
 

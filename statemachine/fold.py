@@ -1,8 +1,8 @@
 """How each event changes the state: the jobs, the batches, their indexes, instance health
 and the estimates.
 
-``State.apply`` checks an event against the state machines (``statemachine.job``), has it
-written ahead once it is found legal, then changes what it moves; ``State.replay`` applies
+``Fold.apply`` checks an event against the state machines (``statemachine.job``), has it
+written ahead once it is found legal, then changes what it moves; ``Fold.replay`` applies
 the lines of a log, which were checked when they were made. What follows from an event by
 rule is not here: ``Store.record`` asks ``statemachine.rules``.
 """
@@ -16,8 +16,8 @@ from statemachine import events as ev
 from statemachine import failpoints
 from statemachine.errors import CorruptLog, IllegalTransition
 from statemachine.estimates import Estimates
-from statemachine.health import InstanceHealth
 from statemachine.indexes import Indexes
+from statemachine.instance_health import InstanceHealth
 from statemachine.job import (
     BATCH_FINAL,
     BATCH_MACHINE,
@@ -42,7 +42,7 @@ _BATCH_TRIGGERS: dict[type[ev.Event], str] = {
 }
 
 
-class State:
+class Fold:
     """All jobs, batches and instance health, as folded from the event log."""
 
     def __init__(self, estimates: Estimates) -> None:
