@@ -20,8 +20,10 @@ demo: $(STAMP)
 	$(PY) daemon.py --simulate --compare-single --state-dir var/demo examples/prompts/*
 	$(PY) submit.py report --state-dir var/demo -o var/demo/timeline.html
 
+# ruff, then mypy over the files listed in pyproject.toml [tool.mypy].
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 # Benchmarks and the long crash run: minutes each, never part of `make test`.
 bench: $(STAMP)
