@@ -205,7 +205,7 @@ class Poller:
             except ComfyDualError:
                 self._trouble()
                 return
-            if checked.where == "history":
+            if checked.outcome is not None:  # where is "history": it finished
                 if self._following.end(prompt_id):
                     self._post(Finished(self.instance_id, prompt_id, checked.outcome))
             elif checked.where == "running":
