@@ -287,9 +287,10 @@ class CoreMachine(RuleBasedStateMachine):
         if job is None:
             return
         if outcome == "success":
-            event = ev.JobSucceeded(job.job_id, job.prompt_id, {"9": {"images": []}})
+            event: ev.Event = ev.JobSucceeded(job.job_id, job.flying_prompt_id,
+                                              {"9": {"images": []}})
         elif outcome == "lost":
-            event = ev.JobLost(job.job_id, job.prompt_id, "instance restarted")
+            event = ev.JobLost(job.job_id, job.flying_prompt_id, "instance restarted")
         else:
             event = failure_event(job, f"{outcome} error", permanent=outcome == "permanent",
                                   now=self.now, policy=self.policy)
@@ -310,7 +311,7 @@ class CoreMachine(RuleBasedStateMachine):
             if not self.store.in_flight:
                 break
             job = next(iter(self.store.in_flight.values()))
-            self.store.record(ev.JobSucceeded(job.job_id, job.prompt_id, {}), self.now)
+            self.store.record(ev.JobSucceeded(job.job_id, job.flying_prompt_id, {}), self.now)
             self.turn()
 
     @rule(index=st.integers(0, 10), up=st.booleans())
@@ -327,7 +328,8 @@ class CoreMachine(RuleBasedStateMachine):
     def instance_loses_its_jobs(self, index):
         inst = self.instances[index % len(self.instances)]
         for job in [j for j in self.store.in_flight.values() if j.instance_id == inst.instance_id]:
-            self.store.record(ev.JobLost(job.job_id, job.prompt_id, "instance lost"), self.now)
+            self.store.record(ev.JobLost(job.job_id, job.flying_prompt_id, "instance lost"),
+                              self.now)
         self.turn()
 
     @rule(index=st.integers(0, 10), part=st.booleans())
@@ -412,7 +414,7 @@ class CoreMachine(RuleBasedStateMachine):
             assert view.in_flight <= inst.max_concurrent, view
             if self.store.abandoned.get(inst.instance_id):
                 assert view.max_concurrent == 0, "it takes new work"
-        stolen = Counter()
+        stolen: Counter[str] = Counter()
         for job in self.store.in_flight.values():
             inst = next(i for i in self.instances if i.instance_id == job.instance_id)
             if job.job_id in self.stolen_jobs:
@@ -435,7 +437,7 @@ class CoreMachine(RuleBasedStateMachine):
                 assert job.batch.renders_left == 0
 
     @invariant()
-    def combine_concurrency(self):
+    def combines_within_concurrency(self):  # not `combine_concurrency`: that is the setting
         assert self.store.combines_in_flight() <= self.combine_concurrency
 
     @invariant()
@@ -493,7 +495,7 @@ class CoreMachine(RuleBasedStateMachine):
                 self.now += 60
                 continue
             job = next(iter(self.store.in_flight.values()))
-            self.store.record(ev.JobSucceeded(job.job_id, job.prompt_id, {}), self.now)
+            self.store.record(ev.JobSucceeded(job.job_id, job.flying_prompt_id, {}), self.now)
         for batch in self.store.batches.values():
             assert batch.state in (BatchState.DONE, BatchState.FAILED, BatchState.CANCELLED), (
                 f"{batch!r} never ended")
