@@ -2,13 +2,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench chaos systemd-check clean
+.PHONY: venv test demo lint bench chaos systemd-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
+
+# .venv with the project and its test extra installed, nothing run.
+venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
@@ -43,4 +46,4 @@ systemd-check: $(STAMP)
 	$(PY) deploy/systemd_check.py $(CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .hypothesis
+	rm -rf $(VENV) var .pytest_cache .hypothesis .mypy_cache

@@ -36,7 +36,7 @@ with ``--register=no --keep-unit`` and commands run inside with ``nsenter -t <PI
 the container> -a``.
 
 The project's test suite (step 2 of the README, ``make test``) is not run in the
-container: ``make lint`` makes the same virtualenv the same way in far less time.
+container: ``make venv`` makes the same virtualenv the same way in far less time.
 """
 
 from __future__ import annotations
@@ -283,7 +283,7 @@ def install(c: Container) -> None:
     c.sh("useradd --system --user-group --home-dir /var/lib/comfy-dual "
          "--shell /usr/sbin/nologin comfy-dual")
     c.sh(f"git clone -q /root/comfy-dual.bundle {OPT}")
-    c.sh(f"cd {OPT} && PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels make lint", timeout=600)
+    c.sh(f"cd {OPT} && PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels make venv", timeout=600)
     c.sh(f"cd {OPT} && .venv/bin/python -m compileall -q .", timeout=300)
     c.sh("install -d -m 0755 /etc/comfy-dual")
     write_file(c, "/etc/comfy-dual/config.toml", CONFIG)
