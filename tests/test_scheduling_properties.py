@@ -450,7 +450,7 @@ class CoreMachine(RuleBasedStateMachine):
             assert view.in_flight <= inst.max_concurrent, view
             if self.store.abandoned.get(inst.instance_id):
                 assert view.max_concurrent == 0, "it takes new work"
-        stolen = Counter()
+        stolen: Counter[str] = Counter()
         for job in self.store.in_flight.values():
             inst = next(i for i in self.instances if i.instance_id == job.instance_id)
             if job.job_id in self.stolen_jobs:
@@ -473,7 +473,7 @@ class CoreMachine(RuleBasedStateMachine):
                 assert job.batch.renders_left == 0
 
     @invariant()
-    def combine_concurrency(self):
+    def combines_within_concurrency(self):  # not `combine_concurrency`: that is the setting
         assert self.store.combines_in_flight() <= self.combine_concurrency
 
     @invariant()
