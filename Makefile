@@ -2,13 +2,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench chaos systemd-check clean
+.PHONY: venv test demo lint bench chaos systemd-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
+
+# .venv with the project and its test extra installed, nothing run.
+venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
@@ -20,8 +23,10 @@ demo: $(STAMP)
 	$(PY) daemon.py --simulate --compare-single --state-dir var/demo examples/prompts/*
 	$(PY) submit.py report --state-dir var/demo -o var/demo/timeline.html
 
+# ruff, then mypy over the files listed in pyproject.toml [tool.mypy].
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 # Benchmarks and the long crash run: minutes each, never part of `make test`.
 bench: $(STAMP)
@@ -41,4 +46,4 @@ systemd-check: $(STAMP)
 	$(PY) deploy/systemd_check.py $(CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .hypothesis
+	rm -rf $(VENV) var .pytest_cache .hypothesis .mypy_cache

@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,8 +104,10 @@ class Stop:
 
 
 @contextlib.contextmanager
-def opened(settings: config.Settings, **loop_options: object) -> Iterator[Loop]:
-    """The state directory locked and replayed, agents running, a loop ready to turn."""
+def opened(settings: config.Settings, *, spool: Spool | None = None,
+           commands: Path | None = None) -> Iterator[Loop]:
+    """The state directory locked and replayed, agents running, a loop ready to turn
+    (with ``spool`` and ``commands``: the service's drop folder and command folder)."""
     state = StateDir(settings.state_dir)
     with StateLock(state.lock):
         event_log = EventLog(state.log_dir, retention=settings.log_retention)
@@ -128,7 +130,7 @@ def opened(settings: config.Settings, **loop_options: object) -> Iterator[Loop]:
         loop = Loop(settings, store, agents, workflows, inbox=inbox,
                     status_path=state.status,
                     daemon_info={"pid": os.getpid(), "started_at": time.time()},
-                    **loop_options)
+                    spool=spool, commands=commands)
         try:
             with _running(agents.values()), web.serving(loop):
                 yield loop
@@ -209,7 +211,7 @@ def _files_finished(loop: Loop, count: int) -> bool:
 
 
 @contextlib.contextmanager
-def _running(agents: Iterator[InstanceAgent] | Sequence[InstanceAgent]) -> Iterator[None]:
+def _running(agents: Iterable[InstanceAgent]) -> Iterator[None]:
     started = list(agents)
     for agent in started:
         agent.start()

@@ -65,16 +65,18 @@ class SimProcess:
 
     def start(self) -> None:
         durations = [f"--duration={k}={v}" for k, v in self.durations.items()]
-        self.proc = subprocess.Popen(
+        self.proc = proc = subprocess.Popen(
             [sys.executable, "-m", "simulator", "--port", str(self.port),
              "--ledger", str(self.ledger), "--output-dir", str(self.work / "out"),
              "--input-dir", str(self.work / "in"), *durations],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        line = self.proc.stdout.readline()
+        assert proc.stdout is not None  # a pipe, asked for above
+        line = proc.stdout.readline()
         if "listening" not in line:
             raise RuntimeError(f"simulator {self.name} did not start: {line!r}")
 
     def kill(self) -> None:
+        assert self.proc is not None, "kill() before start()"
         self.kills.append(time.time())
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()

@@ -168,7 +168,7 @@ class Farm:
         self.record(ev.InstanceDown(iid, "GET /system_stats: connection refused"))
         self.down[iid] = self.now + 300.0
         for job in [j for j in self.store.in_flight.values() if j.instance_id == iid]:
-            self.record(ev.JobLost(job.job_id, job.prompt_id, "instance is down"))
+            self.record(ev.JobLost(job.job_id, job.flying_prompt_id, "instance is down"))
 
     def _withdrawals(self) -> None:
         """The daemon's part for prompts it gave up on (lost, cancelled): an UP server is
@@ -195,13 +195,13 @@ class Farm:
         starts the next. Joining chunks takes seconds, so a COMBINE job ends as it starts."""
         for job in jobs:
             if job.state is JobState.DISPATCHING:
-                self.record(ev.JobQueued(job.job_id, job.prompt_id, next(self.numbers)))
+                self.record(ev.JobQueued(job.job_id, job.flying_prompt_id, next(self.numbers)))
         head: Job | None = jobs[0]
         if jobs[0].state is JobState.RUNNING:
             self._finish(jobs[0])
             head = jobs[1] if len(jobs) > 1 else None
         if head is not None:
-            self.record(ev.JobStarted(head.job_id, head.prompt_id))
+            self.record(ev.JobStarted(head.job_id, head.flying_prompt_id))
             if head.kind is JobKind.COMBINE:
                 self._finish(head)
 

@@ -51,6 +51,7 @@ from instances.client import ComfyClient
 from service.logs import setup_logging
 from simulator import SimConfig, SimulatorHandle, start_simulator
 from statedir import StateDir
+from statemachine import events as ev
 from statemachine.log import EventLog
 from statemachine.store import read_records
 
@@ -211,7 +212,7 @@ def stale_prompts(base: Path, videos: int) -> dict[str, Any]:
             "REQUEST_TIMEOUT": 0.5, "INSTANCE_LOST_TIMEOUT": 0.5, "FALLBACK": False})
         result = run_in_process(settings, prompts(base / "prompts", videos), 120)
         given_up = {r.event.prompt_id for r in read_records(EventLog(StateDir(state).log_dir))
-                    if r.event.type in ("job_lost", "job_attempt_failed")}
+                    if isinstance(r.event, ev.JobLost | ev.JobAttemptFailed)}
         executed = [r for sim in sims for r in sim.executions()
                     if r["prompt_id"] in given_up and r["status"] == "success"]
         return {"stale_prompts_executed": len(executed), "stale_all_done": result.all_done,
@@ -221,7 +222,7 @@ def stale_prompts(base: Path, videos: int) -> dict[str, Any]:
 def run(videos: int, full_for: float, hang_for: float) -> dict[str, Any]:
     setup_logging(None)
     result: dict[str, Any] = {}
-    totals = Counter()
+    totals: Counter[str] = Counter()
     with tempfile.TemporaryDirectory(prefix="comfy-faults-") as tmp:
         base = Path(tmp)
         scenarios: list[tuple[str, Callable[[], dict[str, Any]]]] = [

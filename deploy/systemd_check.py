@@ -36,7 +36,7 @@ with ``--register=no --keep-unit`` and commands run inside with ``nsenter -t <PI
 the container> -a``.
 
 The project's test suite (step 2 of the README, ``make test``) is not run in the
-container: ``make lint`` makes the same virtualenv the same way in far less time.
+container: ``make venv`` makes the same virtualenv the same way in far less time.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "comfy-dual" / \
@@ -111,8 +112,12 @@ def run(cmd: list[str], *, timeout: float = 600, check: bool = True,
     return result
 
 
-def wait_until(what: str, test: Callable[[], object], timeout: float,
-               every: float = 0.2) -> object:
+T = TypeVar("T")
+
+
+def wait_until(what: str, test: Callable[[], T | None], timeout: float, every: float = 0.2
+               ) -> T:
+    """The first true value `test` returns, polled every `every` s for `timeout` s."""
     deadline = time.monotonic() + timeout
     while True:
         value = test()
@@ -278,7 +283,7 @@ def install(c: Container) -> None:
     c.sh("useradd --system --user-group --home-dir /var/lib/comfy-dual "
          "--shell /usr/sbin/nologin comfy-dual")
     c.sh(f"git clone -q /root/comfy-dual.bundle {OPT}")
-    c.sh(f"cd {OPT} && PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels make lint", timeout=600)
+    c.sh(f"cd {OPT} && PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels make venv", timeout=600)
     c.sh(f"cd {OPT} && .venv/bin/python -m compileall -q .", timeout=300)
     c.sh("install -d -m 0755 /etc/comfy-dual")
     write_file(c, "/etc/comfy-dual/config.toml", CONFIG)
@@ -301,11 +306,14 @@ def start_simulators(c: Container) -> None:
     for port in (8188, 8189):
         probe = (f"{OPT}/.venv/bin/python -c \"import urllib.request; "
                  f"urllib.request.urlopen('http://127.0.0.1:{port}/system_stats')\"")
-        wait_until(f"the simulator on port {port}",
-                   lambda probe=probe: c.sh(probe, check=False).returncode == 0, 30, every=0.5)
+
+        def answers(probe: str = probe) -> bool:
+            return c.sh(probe, check=False).returncode == 0
+
+        wait_until(f"the simulator on port {port}", answers, 30, every=0.5)
 
 
-def ledger(c: Container) -> list[dict[str, object]]:
+def ledger(c: Container) -> list[dict[str, Any]]:
     """Every execution the simulators started, across their lives."""
     out = c.sh(f"cd {OPT} && .venv/bin/python -c 'import json,sys; from pathlib import Path; "
                "from simulator import read_ledger; "
@@ -333,13 +341,13 @@ def restarts(c: Container) -> int:
     return int(c.show("NRestarts")["NRestarts"])
 
 
-def status_json(c: Container) -> dict[str, object]:
+def status_json(c: Container) -> dict[str, Any]:
     return json.loads(c.sh(f"{SUBMIT} status --json").stdout)
 
 
 def batch_state(c: Container, batch_id: str) -> str | None:
     batches = status_json(c).get("batches") or []
-    return next((b["state"] for b in batches if b["batch_id"] == batch_id), None)  # type: ignore[index]
+    return next((b["state"] for b in batches if b["batch_id"] == batch_id), None)
 
 
 def submit_file(c: Container, name: str, user: str = "root", frames: int = 202) -> str:
@@ -412,7 +420,7 @@ def check_sigkill(c: Container) -> Result:
     batch = submit_file(c, "killed_mid_job")
     running = wait_until("a job running", lambda: next(
         (j for j in status_json(c)["running"] if j["state"] == "running"), None), 30, every=0.1)
-    job, prompt = running["job_id"], running["prompt_id"]  # type: ignore[index]
+    job, prompt = running["job_id"], running["prompt_id"]
     old = main_pid(c)
     killed = time.monotonic()
     c.sh(f"kill -KILL {old}")
@@ -505,7 +513,7 @@ def check_reboot(c: Container) -> Result:
     new_batch = submit_file(c, "after_reboot")
     wait_done(c, old_batch)
     wait_done(c, new_batch)
-    runs = [r for r in ledger(c) if float(r["start"]) >= rebooted_at]  # type: ignore[arg-type]
+    runs = [r for r in ledger(c) if float(r["start"]) >= rebooted_at]
     interrupted = [f"{r['job_id']} ({r['prompt_id']})" for r in runs
                    if r["status"] == "interrupted"]
     ok = active["ActiveState"] == "active" and not interrupted

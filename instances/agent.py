@@ -33,9 +33,15 @@ from instances.workflow import Workflow
 
 
 class InstanceSettings(Protocol):
-    instance_id: str
-    host: str
-    port: int
+    # Read-only members: the frozen ``config.InstanceConfig`` satisfies them.
+    @property
+    def instance_id(self) -> str: ...
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
 
     @property
     def url(self) -> str: ...

@@ -34,7 +34,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 from urllib.parse import quote, urlsplit
 
 import orjson
@@ -463,6 +463,13 @@ def backoff_delay(attempt: int, max_delay: float, base: float = 0.1) -> float:
     return delay / 2 + random.uniform(0, delay / 2)
 
 
+class Frames(Protocol):
+    """What EventStream reads a link by (``websocket.WebSocket`` has it)."""
+
+    def recv_data(self, control_frame: bool = False) -> tuple[Any, ...]: ...
+    def ping(self) -> None: ...
+
+
 class EventStream:
     """Follows ``/ws?clientId=...`` on its own daemon thread and reconnects when it drops.
 
@@ -543,7 +550,7 @@ class EventStream:
             self._ws = None
         ws.shutdown()
 
-    def _receive(self, ws: websocket.WebSocket) -> str:
+    def _receive(self, ws: Frames) -> str:
         """Read frames until the connection fails; returns why it ended.
 
         Control frames are asked for too: a pong is the answer that keeps a quiet link alive.

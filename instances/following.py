@@ -11,11 +11,18 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
-from instances.client import ComfyClient, EventStream, JobOutcome, StreamedRun, StreamEvent
+from instances.client import (
+    ComfyClient,
+    EventStream,
+    JobOutcome,
+    QueueSnapshot,
+    StreamedRun,
+    StreamEvent,
+)
 from instances.messages import Checked, Finished, Progress, Started
 from statemachine.errors import ComfyDualError
 
@@ -154,12 +161,19 @@ class StreamFollower:
             self._post(Finished(self.instance_id, prompt_id, outcome))
 
 
+class Looks(Protocol):
+    """What a Poller asks of a server (``ComfyClient`` has it)."""
+
+    def history(self, prompt_id: str) -> JobOutcome | None: ...
+    def queue(self) -> QueueSnapshot: ...
+
+
 class Poller:
     """Looks up where prompts stand: one prompt when the loop asks (``check``, after a
     restart or a reconnection), and every prompt followed while the server is up
     (``poll``, behind the stream). ``trouble`` is told when the server does not answer."""
 
-    def __init__(self, instance_id: str, client: ComfyClient, following: Following,
+    def __init__(self, instance_id: str, client: Looks, following: Following,
                  post: Callable[[object], None], trouble: Callable[[], None]) -> None:
         self.instance_id = instance_id
         self._client = client
@@ -205,7 +219,7 @@ class Poller:
             except ComfyDualError:
                 self._trouble()
                 return
-            if checked.where == "history":
+            if checked.outcome is not None:  # where is "history": it finished
                 if self._following.end(prompt_id):
                     self._post(Finished(self.instance_id, prompt_id, checked.outcome))
             elif checked.where == "running":

@@ -6,13 +6,20 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
-from instances.client import ComfyClient
 from instances.messages import Health, Validated
 from instances.workflow import Workflow
 from statemachine.errors import ComfyDualError
 
 POLL_INTERVAL = 1.0  # seconds between /history checks of prompts in flight
+
+
+class Probes(Protocol):
+    """What a HealthWatch asks of a server (``ComfyClient`` has it)."""
+
+    def system_stats(self) -> dict[str, Any]: ...
+    def object_info(self) -> dict[str, Any]: ...
 
 
 class HealthWatch:
@@ -23,7 +30,7 @@ class HealthWatch:
     (re)connection, so nothing is posted to a server before its workflows were checked.
     """
 
-    def __init__(self, instance_id: str, url: str, client: ComfyClient,
+    def __init__(self, instance_id: str, url: str, client: Probes,
                  post: Callable[[object], None], poll: Callable[[], None], *,
                  wake: threading.Event, stopping: threading.Event,
                  workflows: Sequence[Workflow], health_interval: float,

@@ -4,13 +4,13 @@ files they read), and withdrawing them from it."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 import structlog
 
 from instances.artifacts import Handoff, TransferFailed
-from instances.client import ComfyClient
+from instances.client import QueueSnapshot
 from instances.fetching import Tries
 from instances.following import Following
 from instances.messages import Posted, PostFailed, Withdrawn
@@ -21,11 +21,27 @@ log = structlog.get_logger("comfy_dual.instances")
 WITHDRAW_RETRY_WAIT = 0.2  # seconds before looking again at prompts being withdrawn
 
 
+class Posts(Protocol):
+    """What a Poster asks of a server (``ComfyClient`` has it)."""
+
+    def submit(self, graph: Mapping[str, Any], *, prompt_id: str, client_id: str,
+               extra_data: Mapping[str, Any]) -> int: ...
+    def upload(self, data: bytes, filename: str, subfolder: str) -> Mapping[str, Any]: ...
+
+
+class Withdraws(Protocol):
+    """What a Withdrawer asks of a server (``ComfyClient`` has it)."""
+
+    def queue(self) -> QueueSnapshot: ...
+    def delete_from_queue(self, prompt_ids: Iterable[str]) -> None: ...
+    def interrupt(self, prompt_id: str) -> bool: ...
+
+
 class Poster:
     """Posts one prompt (on the caller's thread, an HTTP one) and reports ``Posted`` or
     ``PostFailed``; tells ``trouble`` when the server could not be reached."""
 
-    def __init__(self, instance_id: str, client: ComfyClient, client_id: str,
+    def __init__(self, instance_id: str, client: Posts, client_id: str,
                  following: Following, post: Callable[[object], None], tries: Tries,
                  trouble: Callable[[], None]) -> None:
         self.instance_id = instance_id
@@ -76,7 +92,7 @@ class Withdrawer:
     ``Withdrawn``. Until ``stopping``: a server that will not let go of a prompt keeps
     being asked."""
 
-    def __init__(self, instance_id: str, client: ComfyClient, following: Following,
+    def __init__(self, instance_id: str, client: Withdraws, following: Following,
                  post: Callable[[object], None], stopping: threading.Event,
                  backoff_max: float) -> None:
         self.instance_id = instance_id

@@ -92,16 +92,17 @@ def _locate(graph: Mapping[str, Any], path: NodePath, template_name: str) -> dic
 
 
 def _set_target(graph: Mapping[str, Any], path: NodePath, template_name: str
-                ) -> dict[str, Any]:
-    """The inputs dict a bound value goes into."""
+                ) -> tuple[dict[str, Any], str]:
+    """The inputs dict a bound value goes into, and the input's name."""
     if path.input is None:
         raise BadConfig(f"workflow {template_name!r}: binding path {str(path)!r} names a "
                         "whole node; a value can only go into 'NODE_ID.inputs.NAME'")
-    return _locate(graph, path, template_name)
+    return _locate(graph, path, template_name), path.input
 
 
 def _set(graph: dict[str, Any], path: NodePath, value: Any, template_name: str) -> None:
-    _set_target(graph, path, template_name)[path.input] = value
+    inputs, name = _set_target(graph, path, template_name)
+    inputs[name] = value
 
 
 def _delete(graph: dict[str, Any], path: NodePath, template_name: str) -> None:
@@ -483,5 +484,5 @@ def _check_paths(wf: Workflow) -> None:
                         "add them to [bind]")
 
 
-def _as_tuple(spec: str | tuple[str, ...]) -> tuple[str, ...]:
-    return (spec,) if isinstance(spec, str) else spec
+def _as_tuple(spec: str | Sequence[str]) -> tuple[str, ...]:
+    return (spec,) if isinstance(spec, str) else tuple(spec)

@@ -104,7 +104,7 @@ class Fleet:
                 continue
             for job in [j for j in self.store.in_flight.values()
                         if j.instance_id == instance_id]:
-                self.store.record(ev.JobLost(job.job_id, job.prompt_id,
+                self.store.record(ev.JobLost(job.job_id, job.flying_prompt_id,
                                              f"{instance_id} unreachable"), now)
                 log.warning("⏱️ moving job off an unreachable instance; if that instance "
                             "comes back with the job queued, it may render it a second time",

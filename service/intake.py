@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +160,7 @@ class Intake:
             log.info("🛠️ command", command=command.command, batch=command.batch_id, ok=ok,
                      message=message)
             self._answering.add(command.path)
-            self.defer(lambda p=command.path, o=ok, m=message: self._reply(p, o, m))
+            self.defer(partial(self._reply, command.path, ok, message))
 
     def _reply(self, path: Path, ok: bool, message: str) -> None:
         reply(path, ok, message)

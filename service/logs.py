@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from structlog.typing import Processor
 
 FLUSH_EVERY = 0.5  # seconds an INFO line may wait before it is written to the JSON file
-_SHARED = [
+_SHARED: list[Processor] = [
     structlog.contextvars.merge_contextvars,
     structlog.stdlib.add_log_level,
     structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -47,7 +48,7 @@ def setup_logging(log_dir: Path | None, *, verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _handler(handler: logging.Handler, *processors: object) -> logging.Handler:
+def _handler(handler: logging.Handler, *processors: Processor) -> logging.Handler:
     """``handler`` rendering every record with ``processors`` (the last one renders)."""
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=_SHARED,

@@ -174,7 +174,7 @@ class Loop:
             self.store.record(event, now)
         for job in list(self.store.in_flight.values()):
             if job.instance_id not in self.agents:
-                self.store.record(ev.JobLost(job.job_id, job.prompt_id,
+                self.store.record(ev.JobLost(job.job_id, job.flying_prompt_id,
                                              f"{job.instance_id} is no longer configured"),
                                   now)
 

@@ -305,13 +305,13 @@ class _GaugeCollector(Collector):
         jobs = GaugeMetricFamily("comfy_dual_jobs", "Jobs by kind and state",
                                  labels=["kind", "state"])
         for kind in JobKind:
-            for state in JobState:
-                jobs.add_metric([kind.value, state.value], g.jobs.get((kind.value, state.value),
-                                                                      0))
+            for job_state in JobState:
+                jobs.add_metric([kind.value, job_state.value],
+                                g.jobs.get((kind.value, job_state.value), 0))
         yield jobs
         batches = GaugeMetricFamily("comfy_dual_batches", "Batches by state", labels=["state"])
-        for state in BatchState:
-            batches.add_metric([state.value], g.batches.get(state.value, 0))
+        for batch_state in BatchState:
+            batches.add_metric([batch_state.value], g.batches.get(batch_state.value, 0))
         yield batches
         yield from self._instances(g)
         ready = GaugeMetricFamily("comfy_dual_jobs_ready",

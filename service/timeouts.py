@@ -36,7 +36,7 @@ class Timeouts:
             job = self.store.jobs[job_id]
             if now - since >= s.queue_timeout and job.state is JobState.QUEUED:
                 self.store.record(ev.JobLost(
-                    job.job_id, job.prompt_id, f"queued on {job.instance_id} longer than "
+                    job.job_id, job.flying_prompt_id, f"queued on {job.instance_id} longer than "
                     f"QUEUE_TIMEOUT ({s.queue_timeout:g} s)"), now)
 
     def _observe(self, rec: ev.Recorded, subject: Any) -> None:

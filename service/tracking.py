@@ -62,9 +62,9 @@ class Tracker:
         """Ask an instance that is (back) up about every job it was given."""
         for job in list(self.store.in_flight.values()):
             if job.instance_id == instance_id:
-                self.checking.add(job.prompt_id)
+                self.checking.add(job.flying_prompt_id)
                 self.defer(partial(self.agents[instance_id].check, job.job_id,
-                                   job.prompt_id))
+                                   job.flying_prompt_id))
 
     def on_posted(self, m: Posted, now: float) -> None:
         job = self.flying(m.prompt_id)
@@ -135,7 +135,7 @@ class Tracker:
                            ": the server ran only part of the graph (see 'prompt accepted "
                            "with invalid outputs' in the log)", now, permanent=True)
         else:
-            self.store.record(ev.JobSucceeded(job.job_id, job.prompt_id, outcome.outputs),
+            self.store.record(ev.JobSucceeded(job.job_id, job.flying_prompt_id, outcome.outputs),
                               now)
 
     def _forget_progress(self, rec: ev.Recorded, subject: Any) -> None:

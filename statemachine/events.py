@@ -29,7 +29,8 @@ class Event:
     type: ClassVar[str] = ""
 
     def to_fields(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__match_args__}
+        names: tuple[str, ...] = self.__match_args__  # the subclass's fields; none on Event
+        return {name: getattr(self, name) for name in names}
 
 
 _HEADER = ("seq", "ts", "type", "v")  # the keys of a log record besides the event's fields
@@ -51,10 +52,12 @@ def _reader(cls: type[Event]) -> Reader:
     from_fields: Reader | None = getattr(cls, "from_fields", None)
     if from_fields is not None:
         return from_fields
-    pick = itemgetter(*cls.__match_args__)
-    if len(cls.__match_args__) == 1:
-        return lambda record: cls(pick(record))
-    return lambda record: cls(*pick(record))
+    names: tuple[str, ...] = cls.__match_args__
+    make: Callable[..., Event] = cls  # a subclass: it takes its fields in order
+    pick = itemgetter(*names)
+    if len(names) == 1:
+        return lambda record: make(pick(record))
+    return lambda record: make(*pick(record))
 
 
 # --- batches -------------------------------------------------------------------------

@@ -14,9 +14,9 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from enum import Enum, StrEnum
-from typing import Any
+from typing import Any, Protocol, TypeVar, cast
 
-from transitions import EventData, Machine, MachineError
+from transitions import EventData, Machine, MachineError, Transition
 
 from statemachine.errors import IllegalTransition
 from statemachine.plan import BatchPlan, JobKind, JobSpec
@@ -74,6 +74,12 @@ class Job:
         self.number: int | None = None
         self.error: str | None = None
         self.outputs: dict[str, Any] | None = None
+
+    @property
+    def flying_prompt_id(self) -> str:
+        """Its ``prompt_id`` while it is in flight, when it always has one."""
+        assert self.prompt_id is not None, f"{self!r} is not in flight"
+        return self.prompt_id
 
     @property
     def priority(self) -> int:
@@ -182,22 +188,32 @@ def deps_met(job: Job, jobs: Mapping[str, Job]) -> bool:
     return all(jobs[d].state is JobState.SUCCEEDED for d in job.spec.deps)
 
 
+# transitions types a machine's model as ``object``: JOB_MACHINE only ever moves a Job and
+# BATCH_MACHINE a Batch.
+def _job(ev: EventData) -> Job:
+    return cast(Job, ev.model)
+
+
+def _batch(ev: EventData) -> Batch:
+    return cast(Batch, ev.model)
+
+
 def _deps_met(ev: EventData) -> bool:
-    return deps_met(ev.model, ev.kwargs["jobs"])
+    return deps_met(_job(ev), ev.kwargs["jobs"])
 
 
 def _eligible(ev: EventData) -> bool:
     """The retry backoff is over and the batch is still live."""
-    job: Job = ev.model
+    job = _job(ev)
     return job.eligible_at <= ev.kwargs["now"] and job.batch.state not in BATCH_FINAL
 
 
 def _renders_done(ev: EventData) -> bool:
-    return ev.model.renders_left == 0
+    return _batch(ev).renders_left == 0
 
 
 def _combines_done(ev: EventData) -> bool:
-    return ev.model.combines_left == 0
+    return _batch(ev).combines_left == 0
 
 
 def _write_ahead(ev: EventData) -> None:
@@ -244,9 +260,19 @@ JOB_MACHINE = _machine(JobState, JOB_TRANSITIONS)
 BATCH_MACHINE = _machine(BatchState, BATCH_TRANSITIONS)
 
 
-def _compile(machine: Machine, states: type[Enum]) -> dict[str, dict[Enum, Enum]]:
+_S = TypeVar("_S", bound=Enum)
+
+
+def _dest(transitions: list[Transition]) -> str:
+    dest = transitions[0].dest
+    if dest is None:  # an internal transition: none is declared above
+        raise ValueError("a move without a destination")
+    return dest
+
+
+def _compile(machine: Machine, states: type[_S]) -> dict[str, dict[_S, _S]]:
     """``{trigger: {source: dest}}`` read from the machine itself, so there is one table."""
-    return {name: {states[src]: states[ts[0].dest] for src, ts in event.transitions.items()}
+    return {name: {states[src]: states[_dest(ts)] for src, ts in event.transitions.items()}
             for name, event in machine.events.items()}
 
 
@@ -268,7 +294,11 @@ def fire(machine: Machine, model: Job | Batch, trigger: str,
         raise IllegalTransition(f"{model!r}: {trigger} refused by its guard")
 
 
-def replay_move(moves: dict[str, dict[Enum, Enum]], model: Job | Batch, trigger: str) -> None:
+class _Stated(Protocol[_S]):
+    state: _S
+
+
+def replay_move(moves: dict[str, dict[_S, _S]], model: _Stated[_S], trigger: str) -> None:
     """A recorded move: legal by the table, guards already checked when it was made."""
     try:
         model.state = moves[trigger][model.state]

@@ -179,7 +179,9 @@ def read_snapshot(path: Path) -> tuple[bytes, int]:
     data = path.read_bytes()
     end = data.find(b"\n")
     try:
-        header = orjson.loads(data[:end]) if end > 0 else None
+        if end <= 0:
+            raise SnapshotDamaged("no snapshot header")
+        header = orjson.loads(data[:end])
         seq, size, crc = header["seq"], header["bytes"], header["crc32"]
     except (orjson.JSONDecodeError, TypeError, KeyError):
         raise SnapshotDamaged("no snapshot header") from None
@@ -383,6 +385,7 @@ class LogReader:
 
     def __init__(self, directory: Path, name: str = LIVE_SEGMENT) -> None:
         self.files = LogFiles(directory, directory / name)
+        self._file: BinaryIO | None
         try:
             self._file = open(self.files.live, "rb")  # noqa: SIM115 - closed by close()
         except FileNotFoundError:

@@ -76,13 +76,27 @@ class Limits:
 class PlanDefaults(Protocol):
     """The settings :func:`plan_prompt_file` reads (``config.Settings`` has them)."""
 
-    frames_per_chunk: int
-    max_frames: int
-    max_file_bytes: int
-    max_prompt_chars: int
-    max_chunks: int
-    default_width: int
-    default_height: int
+    # Read-only members: frozen dataclasses such as ``config.Settings`` satisfy them.
+    @property
+    def frames_per_chunk(self) -> int: ...
+
+    @property
+    def max_frames(self) -> int: ...
+
+    @property
+    def max_file_bytes(self) -> int: ...
+
+    @property
+    def max_prompt_chars(self) -> int: ...
+
+    @property
+    def max_chunks(self) -> int: ...
+
+    @property
+    def default_width(self) -> int: ...
+
+    @property
+    def default_height(self) -> int: ...
 
 
 # --- parsing ------------------------------------------------------------------------------

@@ -89,10 +89,14 @@ class ReadyJob(Protocol):
     def video(self) -> int: ...
     @property
     def renders_left(self) -> int: ...
-    ready_seq: int
-    eligible_at: float
-    line: int  # ``line_of(job)``, set by the store when the job became ready
-    fifo: int  # ``fifo_of(job)``, the same
+    @property
+    def ready_seq(self) -> int: ...
+    @property
+    def eligible_at(self) -> float: ...
+    @property
+    def line(self) -> int: ...  # ``line_of(job)``, set by the store when the job became ready
+    @property
+    def fifo(self) -> int: ...  # ``fifo_of(job)``, the same
 
 
 _PLACE = 1 << 31  # a video's place in line, shifted to be >= 0 (fewer than 2**31 videos)

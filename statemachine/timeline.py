@@ -48,14 +48,16 @@ class Timeline:
     gates: dict[str, float] = field(default_factory=dict)  # batch -> when its gate opened
 
 
-_ENDINGS: dict[type[ev.Event], str] = {
-    ev.JobSucceeded: "succeeded", ev.JobAttemptFailed: "retry", ev.JobFailed: "failed",
-    ev.JobLost: "lost", ev.JobCancelled: "cancelled",
-}
-_BATCH_STATES: dict[type[ev.Event], str] = {
-    ev.BatchStarted: "rendering", ev.BatchGateOpened: "combining", ev.BatchDone: "done",
-    ev.BatchFailed: "failed", ev.BatchCancelled: "cancelled", ev.BatchRetried: "accepted",
-}
+# The events that end an attempt and those that move a batch, as tuples for isinstance (which
+# tells the type checker that the event has a job_id, a batch_id), and what each one means.
+_JOB_ENDINGS = (ev.JobSucceeded, ev.JobAttemptFailed, ev.JobFailed, ev.JobLost, ev.JobCancelled)
+_ENDINGS: dict[type[ev.Event], str] = dict(
+    zip(_JOB_ENDINGS, ("succeeded", "retry", "failed", "lost", "cancelled"), strict=True))
+_BATCH_MOVES = (ev.BatchStarted, ev.BatchGateOpened, ev.BatchDone, ev.BatchFailed,
+                ev.BatchCancelled, ev.BatchRetried)
+_BATCH_STATES: dict[type[ev.Event], str] = dict(
+    zip(_BATCH_MOVES, ("rendering", "combining", "done", "failed", "cancelled", "accepted"),
+        strict=True))
 
 
 def busy_seconds(attempts: Iterable[Attempt], instance_id: str, until: float) -> float:
@@ -96,12 +98,12 @@ class TimelineFold:
                 tl.attempts.append(attempt)
         elif isinstance(e, ev.JobStarted) and e.job_id in self._open:
             self._open[e.job_id].started_at = rec.ts
-        elif type(e) in _ENDINGS and e.job_id in self._open:
+        elif isinstance(e, _JOB_ENDINGS) and e.job_id in self._open:
             attempt = self._open.pop(e.job_id)
             attempt.ended_at, attempt.outcome = rec.ts, _ENDINGS[type(e)]
             if isinstance(e, ev.JobSucceeded):
                 tl.batches[attempt.batch_id].succeeded += 1
-        elif type(e) in _BATCH_STATES and e.batch_id in tl.batches:
+        elif isinstance(e, _BATCH_MOVES) and e.batch_id in tl.batches:
             span = tl.batches[e.batch_id]
             span.state = _BATCH_STATES[type(e)]
             span.ended_at = rec.ts if span.state in ("done", "failed", "cancelled") else None

@@ -68,9 +68,9 @@ def planned_jobs(state_dir: Path, batch_id: str) -> list[str]:
     """The job ids the log's ``batch_accepted`` of ``batch_id`` lays out."""
     for line in log_lines(state_dir):
         if b'"batch_accepted"' in line:
-            plan = ev.decode(line).event.plan
-            if plan.batch_id == batch_id:
-                return [job.job_id for job in plan.jobs]
+            event = ev.decode(line).event
+            if isinstance(event, ev.BatchAccepted) and event.plan.batch_id == batch_id:
+                return [job.job_id for job in event.plan.jobs]
     raise KeyError(batch_id)
 
 

@@ -7,6 +7,7 @@ import queue
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pytest
 from support import wait_for
@@ -15,6 +16,8 @@ from instances.agent import InstanceAgent
 from instances.client import JobOutcome, StreamEvent
 from instances.messages import Finished, Health
 from simulator import SimConfig, start_simulator
+
+M = TypeVar("M")
 
 GRAPH = {"1": {"class_type": "EmptyImage",
                "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 7}},
@@ -52,18 +55,19 @@ def _drain(inbox: queue.SimpleQueue[object]) -> list[object]:
     return messages
 
 
-def _next(inbox: queue.SimpleQueue[object], kind: type) -> object:
+def _next(inbox: queue.SimpleQueue[object], kind: type[M]) -> M:
     return wait_for(lambda: next((m for m in _drain(inbox) if isinstance(m, kind)), None),
                     kind.__name__, timeout=10)
 
 
-def test_a_run_followed_from_its_start_is_reported_without_a_history_lookup() -> None:
+def test_a_run_followed_from_its_start_is_reported_without_a_history_lookup(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
     prompt_id, looked_up = str(uuid.uuid4()), []
     with start_simulator(0, SimConfig(default_duration=0.0)) as sim:
         agent = _agent(sim.port, inbox.put)
         history = agent.client.history
-        agent.client.history = lambda p: looked_up.append(p)  # type: ignore[method-assign]
+        monkeypatch.setattr(agent.client, "history", lambda p: looked_up.append(p))
         agent.start()
         try:
             assert _next(inbox, Health).up
@@ -78,13 +82,14 @@ def test_a_run_followed_from_its_start_is_reported_without_a_history_lookup() ->
 
 
 @pytest.fixture
-def offline() -> Iterator[tuple[InstanceAgent, queue.SimpleQueue[object], list[str]]]:
+def offline(monkeypatch: pytest.MonkeyPatch
+            ) -> Iterator[tuple[InstanceAgent, queue.SimpleQueue[object], list[str]]]:
     """An agent of a server that is not there, fed stream events by hand; its ``/history``
     lookups are noted instead of made."""
     inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
     agent = _agent(9, inbox.put)
     looked_up: list[str] = []
-    agent.follower.finish_from_history = looked_up.append  # type: ignore[method-assign]
+    monkeypatch.setattr(agent.follower, "finish_from_history", looked_up.append)
     agent.start()
     try:
         yield agent, inbox, looked_up

@@ -4,7 +4,7 @@ they report, in which order, and what they leave followed."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,7 @@ class Client:
         self._call("history", prompt_id)
         return self.histories.get(prompt_id)
 
-    def delete_from_queue(self, prompt_ids: list[str]) -> None:
+    def delete_from_queue(self, prompt_ids: Iterable[str]) -> None:
         self._call("delete", *prompt_ids)
 
     def interrupt(self, prompt_id: str) -> bool:
@@ -77,6 +77,10 @@ class Client:
     def system_stats(self) -> dict[str, Any]:
         self._call("system_stats")
         return {"system": {"comfyui_version": "0.3"}}
+
+    def object_info(self) -> dict[str, Any]:
+        self._call("object_info")
+        return {}
 
 
 @pytest.fixture
@@ -113,7 +117,7 @@ def test_a_reconnection_forgets_what_the_stream_showed() -> None:
 
 def test_a_poll_reports_each_followed_prompt_as_it_stands() -> None:
     client = Client(queues=[QueueSnapshot(("run",), ())], histories={"done": DONE})
-    following, said, trouble = Following(), [], []
+    following, said, trouble = Following(), list[object](), []
     for prompt_id in ("done", "run", "lost"):
         following.follow(f"job-{prompt_id}", prompt_id)
     following.posting("job-new", "new")  # its POST has not returned: left alone
@@ -126,7 +130,7 @@ def test_a_poll_reports_each_followed_prompt_as_it_stands() -> None:
 
 def test_a_check_follows_a_queued_prompt_and_a_failed_look_is_trouble() -> None:
     client = Client(queues=[QueueSnapshot((), ("p",))])
-    following, said, trouble = Following(), [], []
+    following, said, trouble = Following(), list[object](), []
     poller = Poller("s", client, following, said.append, lambda: trouble.append(1))
     poller.check("job", "p")
     assert said == [Checked("s", "job", "p", "queue")]
@@ -152,7 +156,7 @@ def _handoff(failures: int) -> Handoff:
 
 
 def test_a_post_after_a_transfer_tried_again_is_reported_posted(no_wait: Tries) -> None:
-    client, following, said, taken = Client(), Following(), [], threading.Event()
+    client, following, said, taken = Client(), Following(), list[object](), threading.Event()
     poster = Poster("s", client, "cid", following, said.append, no_wait, lambda: None)
     poster.submit("job", "p", {}, {}, [_handoff(fetching.FETCH_ATTEMPTS - 1)], taken.set)
     assert taken.is_set() and said == [Posted("s", "job", "p", 7)]
@@ -161,7 +165,7 @@ def test_a_post_after_a_transfer_tried_again_is_reported_posted(no_wait: Tries) 
 
 
 def test_a_failed_post_is_reported_and_forgotten(no_wait: Tries) -> None:
-    client, following, said, trouble = Client(), Following(), [], []
+    client, following, said, trouble = Client(), Following(), list[object](), []
     poster = Poster("s", client, "cid", following, said.append, no_wait,
                     lambda: trouble.append(1))
     poster.submit("job", "p", {}, {}, [_handoff(fetching.FETCH_ATTEMPTS)], lambda: None)
@@ -170,7 +174,9 @@ def test_a_failed_post_is_reported_and_forgotten(no_wait: Tries) -> None:
     assert trouble == []  # the source's trouble, not this server's
     client.fail = InstanceUnreachable("refused")
     poster.submit("job", "q", {}, {}, [], lambda: None)
-    assert isinstance(said[-1].error, InstanceUnreachable) and trouble == [1]
+    failed = said[-1]
+    assert isinstance(failed, PostFailed) and isinstance(failed.error, InstanceUnreachable)
+    assert trouble == [1]
     client.fail = PermanentDispatchError("HTTP 400")
     poster.submit("job", "r", {}, {}, [], lambda: None)
     assert trouble == [1] and following.posted_ones() == []
@@ -180,7 +186,7 @@ def test_a_failed_post_is_reported_and_forgotten(no_wait: Tries) -> None:
 def test_a_withdrawal_looks_again_until_the_queue_lets_go() -> None:
     queues = [QueueSnapshot(("a",), ("b", "other")), QueueSnapshot((), ("b",)),
               QueueSnapshot((), ("other",))]
-    client, following, said = Client(queues=queues), Following(), []
+    client, following, said = Client(queues=queues), Following(), list[object]()
     following.posting("job", "c")  # on its way: may arrive after any look
     stopping = threading.Event()
     withdrawer = Withdrawer("s", client, following, said.append, stopping, backoff_max=0.01)
@@ -198,7 +204,7 @@ def test_a_withdrawal_looks_again_until_the_queue_lets_go() -> None:
 
 @pytest.fixture
 def watched() -> Iterator[tuple[Client, list[object], list[int], threading.Event]]:
-    client, said, polls = Client(), [], []
+    client, said, polls = Client(), list[object](), []
     client.fail = InstanceUnreachable("refused")
     wake, stopping = threading.Event(), threading.Event()
     watch = HealthWatch("s", "http://gpu0", client, said.append, lambda: polls.append(1),

@@ -177,7 +177,8 @@ def test_ws_error_interrupted_and_junk() -> None:
         "PIL.UnidentifiedImageError: cannot identify image file 'corrupt.png' "
         "(node 1, LoadImage)")
     terminal = _recorded("interrupt_with_prompt_id")["terminal_ws_msg"]
-    assert parse_ws_message(json.dumps(terminal)).kind == "interrupted"
+    interrupted = parse_ws_message(json.dumps(terminal))
+    assert interrupted is not None and interrupted.kind == "interrupted"
     assert parse_ws_message(b'{"type": "status", "data": {"status": {}}}') is None
     assert parse_ws_message("not json") is None
     assert parse_ws_message('["a list"]') is None
@@ -202,12 +203,13 @@ def test_a_run_followed_on_the_stream_tells_its_outcome_as_history_would() -> No
         "success", _body("history_success")[success["prompt_id"]]["outputs"], None)
     error = _streamed(_recorded("ws_sequence_execution_error")["messages"]).outcome()
     assert error is not None and error.status == "error" and error.outputs == {}
-    assert error.error.startswith("PIL.UnidentifiedImageError: cannot identify image file")
+    assert str(error.error).startswith("PIL.UnidentifiedImageError: cannot identify image file")
     interrupt = _recorded("interrupt_with_prompt_id")
     interrupted = _streamed(interrupt["ws_messages_interrupted_prompt"]).outcome()
     assert interrupted == JobOutcome("interrupted", {}, "interrupted at node 3")
     pid = interrupt["terminal_ws_msg"]["data"]["prompt_id"]
-    assert parse_history(interrupt["history_interrupted"], pid).status == "interrupted"
+    from_history = parse_history(interrupt["history_interrupted"], pid)
+    assert from_history is not None and from_history.status == "interrupted"
 
 
 def test_a_run_the_stream_cannot_vouch_for_is_left_to_history() -> None:
@@ -352,7 +354,7 @@ def test_execution_error_in_both_history_shapes(make_sim: Callable[..., Simulato
     with ComfyClient(sim.url) as c:
         outcome = run(c, SIMPLE)
     assert outcome.status == "error"
-    assert "simulated failure (fault injection)" in outcome.error
+    assert "simulated failure (fault injection)" in str(outcome.error)
 
 
 def test_demo_workflows_run_for_planned_jobs(client: ComfyClient) -> None:
@@ -539,7 +541,8 @@ def test_event_stream_follows_a_job_and_reconnects(sim: SimulatorHandle,
         progress = [e.data for e in events if e.kind == "progress"]
         assert progress[-1] == {"node": "3", "value": 4, "max": 4}
         outcome = _run_of(events).outcome()
-        assert outcome == client.history(first) and outcome.status == "success"
+        assert outcome is not None and outcome.status == "success"
+        assert outcome == client.history(first)
 
         sim.kill()
         recorder.next("disconnected")
@@ -566,7 +569,8 @@ def test_event_stream_reports_errors_and_stops_while_retrying(sim: SimulatorHand
     (error,) = [e for e in events if e.kind == "error"]
     assert error.data["exception_type"] == "SimulatedFailure"
     outcome = _run_of(events).outcome()
-    assert outcome == client.history(prompt_id) and outcome.status == "error"
+    assert outcome is not None and outcome.status == "error"
+    assert outcome == client.history(prompt_id)
     sim.kill()
     recorder.next("disconnected")
     stream.stop()

@@ -74,7 +74,8 @@ def test_unreachable_servers_are_reported_without_a_traceback(tmp_path):
     proc = subprocess.Popen([sys.executable, str(PROJECT / "daemon.py"), "--config", str(cfg),
                              "--state-dir", str(tmp_path / "s"), str(EXAMPLES[0])],
                             stderr=subprocess.PIPE, text=True, cwd=PROJECT)
-    lines = []
+    assert proc.stderr is not None
+    lines: list[str] = []
     try:
         while not lines or "is down" not in lines[-1]:
             lines.append(proc.stderr.readline())

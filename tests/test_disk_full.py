@@ -84,9 +84,9 @@ def test_a_full_disk_pauses_the_daemon_and_freeing_it_resumes(
         prompt(spool / "tmp", "w").rename(spool / "incoming" / "w.txt")
         wait_for(lambda: again.batch_state("b0002") == "done", "a render after the restart")
         again.terminate()
-        assert "Traceback" not in again.proc.stderr.read()
+        assert "Traceback" not in again.stderr()
     finally:
         again.close()
-    assert "Traceback" not in svc.proc.stderr.read()
+    assert "Traceback" not in svc.stderr()
     assert "Traceback" not in (small_disk / "logs" / "comfy-dual.jsonl").read_text()
     assert not os.path.exists(small_disk / ".status.json.tmp")

@@ -8,7 +8,6 @@ from unittest import mock
 
 import pytest
 
-from statemachine import durable
 from statemachine.durable import fsync_dir, write_atomic
 
 
@@ -23,7 +22,7 @@ def test_write_atomic_creates_then_replaces_a_file_and_leaves_no_tmp(tmp_path: P
 @pytest.mark.parametrize("fsync", [True, False])
 def test_fsync_decides_whether_the_file_and_its_directory_are_synced(
         tmp_path: Path, fsync: bool) -> None:
-    with mock.patch.object(durable.os, "fsync", wraps=os.fsync) as synced:
+    with mock.patch.object(os, "fsync", wraps=os.fsync) as synced:
         write_atomic(tmp_path / "f", b"data", fsync=fsync)
     assert synced.call_count == (2 if fsync else 0)  # the file, then its directory
     assert (tmp_path / "f").read_bytes() == b"data"
@@ -47,7 +46,7 @@ def test_missing_directories_are_an_error_unless_asked_to_make_them(tmp_path: Pa
 def test_a_failed_write_keeps_the_old_file_and_removes_the_tmp(tmp_path: Path) -> None:
     target = tmp_path / "snapshot.json"
     write_atomic(target, b"old")
-    with mock.patch.object(durable.os, "rename", side_effect=OSError(28, "No space")), \
+    with mock.patch.object(os, "rename", side_effect=OSError(28, "No space")), \
             pytest.raises(OSError):
         write_atomic(target, b"new")
     assert target.read_bytes() == b"old"

@@ -19,6 +19,7 @@ import config
 import daemon
 from instances.agent import InstanceAgent
 from simulator import SimConfig, start_simulator
+from statemachine import events as ev
 from statemachine.log import EventLog
 from statemachine.store import read_records
 from statemachine.timeline import build_timeline
@@ -208,7 +209,7 @@ def test_execution_errors_are_retried_with_backoff_then_fail(tmp_path, sims):
     assert [r["status"] for r in lows] == ["error"] * 3
     records = list(read_records(EventLog(tmp_path / "state")))
     delays = [round(r.event.eligible_at - r.ts, 3) for r in records
-              if r.event.type == "job_attempt_failed"]
+              if isinstance(r.event, ev.JobAttemptFailed)]
     assert delays == [0.05, 0.1]
     assert [r.event.type for r in records][-1] == "batch_failed"
 

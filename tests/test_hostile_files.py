@@ -75,7 +75,7 @@ def test_a_stream_of_hostile_files_is_rejected_and_a_good_one_renders(
 
     svc.terminate()
     log = (svc.state / "logs" / "comfy-dual.jsonl").read_text()
-    assert "Traceback" not in log and "Traceback" not in svc.proc.stderr.read()
+    assert "Traceback" not in log and "Traceback" not in svc.stderr()
     events = log_lines(svc.state)
     assert max(len(line) for line in events) < MAX_EVENT_BYTES
     assert sum(b'"batch_accepted"' in line for line in events) == 1

@@ -120,8 +120,12 @@ def test_a_commit_is_one_write_that_returns_once_durable(tmp_path, monkeypatch):
     log = EventLog(tmp_path)
     assert fcntl.fcntl(log._fd, fcntl.F_GETFL) & os.O_DSYNC
     real_write, writes = os.write, []
-    monkeypatch.setattr(os, "write", lambda fd, data: writes.append(bytes(data))
-                        or real_write(fd, data))
+
+    def write(fd: int, data: bytes) -> int:
+        writes.append(bytes(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
     for n in range(3):
         log.append(b"line %d\n" % n)
     log.commit()
@@ -145,6 +149,7 @@ def test_sigkill_during_appends_loses_at_most_the_unsynced_turn(tmp_path, seed):
     env = {**os.environ, "PYTHONPATH": f"{HERE}:{HERE.parent}"}
     proc = subprocess.Popen([sys.executable, str(HERE / "log_writer.py"), str(tmp_path)],
                             stdout=subprocess.PIPE, env=env)
+    assert proc.stdout is not None
     turns = random.Random(seed).randint(5, 60)
     committed = 0
     for _ in range(turns):

@@ -70,10 +70,15 @@ def test_a_video_runs_high_then_low_then_combine_and_comes_home(tmp_path) -> Non
     run_job(h, "high", "b0001/H2")  # starts from the last frame of chunk 1
     run_job(h, "low", "b0001/L2")
     combiner = h.job("b0001/C1").instance_id
+    assert combiner is not None
     run_job(h, combiner, "b0001/C1")
-    run_job(h, h.job("b0001/C2").instance_id, "b0001/C2")
+    combiner = h.job("b0001/C2").instance_id
+    assert combiner is not None
+    run_job(h, combiner, "b0001/C2")
     assert h.store.batches[batch].state is BatchState.DONE
-    assert h[h.store.batches[batch].final_instance].fetched == [batch]
+    final_instance = h.store.batches[batch].final_instance
+    assert final_instance is not None
+    assert h[final_instance].fetched == [batch]
     assert h.loop.run_once(h.clock()) is False  # idle
 
 

@@ -98,9 +98,16 @@ def classes(element: ET.Element) -> set[str]:
 
 def bars(svg: ET.Element) -> list[tuple[str, ET.Element, str]]:
     """(instance, rect, tooltip) of every attempt's bar."""
-    return [(lane.get("data-instance"), g.find(f"{SVG}rect"), g.findtext(f"{SVG}title"))
+    return [(lane.attrib["data-instance"], child(g, "rect"), child(g, "title").text or "")
             for lane in svg.iter(f"{SVG}g") if classes(lane) == {"bars"}
             for g in lane.findall(f"{SVG}g")]
+
+
+def child(element: ET.Element, tag: str) -> ET.Element:
+    """The first SVG ``tag`` element below ``element``: there must be one."""
+    found = element.find(f"{SVG}{tag}")
+    assert found is not None, f"no <{tag}> in {element.attrib}"
+    return found
 
 
 def test_one_lane_per_instance_that_ran_something_and_one_bar_per_attempt(
@@ -111,7 +118,7 @@ def test_one_lane_per_instance_that_ran_something_and_one_bar_per_attempt(
     svg = svg_of(tmp_path / "t.html")
     lanes = [g.get("data-instance") for g in svg.iter(f"{SVG}g") if classes(g) == {"lane"}]
     assert lanes == ["high", "low"]
-    drawn = sorted((inst, rect.get("data-job")) for inst, rect, _ in bars(svg))
+    drawn = sorted((inst, rect.attrib["data-job"]) for inst, rect, _ in bars(svg))
     assert drawn == sorted([
         ("high", "b0001/H1"), ("high", "b0001/H1"), ("high", "b0002/H1"),
         ("high", "b0002/C1"), ("high", "b0001/H2"), ("high", "b0003/H1"),
@@ -119,16 +126,16 @@ def test_one_lane_per_instance_that_ran_something_and_one_bar_per_attempt(
         ("low", "b0002/L1"), ("low", "b0001/L1"), ("low", "b0001/L2")])
     kinds = {"H": "HIGH", "L": "LOW", "C": "COMBINE"}
     for _, rect, _ in bars(svg):
-        kind = kinds[rect.get("data-job").split("/")[1][0]]
+        kind = kinds[rect.attrib["data-job"].split("/")[1][0]]
         assert {"bar", kind} <= classes(rect)
         assert not classes(rect) & (set(kinds.values()) - {kind})
 
 
 def test_attempts_that_did_not_succeed_are_marked_with_their_outcome(capsys, state, tmp_path):
     draw(capsys, state, tmp_path / "t.html")
-    marked = {(rect.get("data-job"), frozenset(classes(rect) - {"bar", "HIGH", "LOW"})):
+    marked = {(rect.attrib["data-job"], frozenset(classes(rect) - {"bar", "HIGH", "LOW"})):
               tip for _, rect, tip in bars(svg_of(tmp_path / "t.html"))
-              if rect.get("data-job") in ("b0001/H1", "b0002/L1", "b0003/H1")}
+              if rect.attrib["data-job"] in ("b0001/H1", "b0002/L1", "b0003/H1")}
     assert set(marked) == {
         ("b0001/H1", frozenset({"bad", "retry"})), ("b0001/H1", frozenset()),
         ("b0002/L1", frozenset({"bad", "lost"})), ("b0002/L1", frozenset()),
@@ -140,16 +147,16 @@ def test_attempts_that_did_not_succeed_are_marked_with_their_outcome(capsys, sta
 
 def test_bars_sit_on_the_time_axis_and_overlaps_take_another_track(capsys, state, tmp_path):
     draw(capsys, state, tmp_path / "t.svg")
-    found = {(rect.get("data-job"), "bad" in classes(rect)): rect
+    found = {(rect.attrib["data-job"], "bad" in classes(rect)): rect
              for _, rect, _ in bars(svg_of(tmp_path / "t.svg"))}
     first, c2 = found["b0001/H1", True], found["b0001/C2", False]
-    per_second = (float(c2.get("x")) - float(first.get("x"))) / 6.6  # starts at 1 and 7.6
-    assert float(first.get("x")) == pytest.approx(report.LEFT + per_second, abs=0.2)
-    assert float(first.get("width")) == pytest.approx(per_second - 1, abs=0.2)
+    per_second = (float(c2.attrib["x"]) - float(first.attrib["x"])) / 6.6  # starts at 1 and 7.6
+    assert float(first.attrib["x"]) == pytest.approx(report.LEFT + per_second, abs=0.2)
+    assert float(first.attrib["width"]) == pytest.approx(per_second - 1, abs=0.2)
     running, c1 = found["b0003/H1", False], found["b0001/C1", False]
-    assert running.get("y") != c1.get("y")  # in flight from 6.5 beside C1 at 7.1
-    assert float(running.get("x")) + float(running.get("width")) == pytest.approx(
-        float(c2.get("x")) + float(c2.get("width")), abs=0.2)  # up to where the log ends
+    assert running.attrib["y"] != c1.attrib["y"]  # in flight from 6.5 beside C1 at 7.1
+    assert float(running.attrib["x"]) + float(running.attrib["width"]) == pytest.approx(
+        float(c2.attrib["x"]) + float(c2.attrib["width"]), abs=0.2)  # up to where the log ends
 
 
 def test_each_batch_gate_is_a_dashed_line_with_its_batch_id(capsys, state, tmp_path):
@@ -159,8 +166,8 @@ def test_each_batch_gate_is_a_dashed_line_with_its_batch_id(capsys, state, tmp_p
     assert set(gates) == {"b0001", "b0002"}  # b0003 has not rendered yet
     for batch_id, g in gates.items():
         assert g.findtext(f"{SVG}text") == batch_id
-        assert "COMBINE gate opened" in g.findtext(f"{SVG}title")
-    x = {b: float(g.find(f"{SVG}line").get("x1")) for b, g in gates.items()}
+        assert "COMBINE gate opened" in (child(g, "title").text or "")
+    x = {b: float(child(g, "line").attrib["x1"]) for b, g in gates.items()}
     assert x["b0002"] < x["b0001"]
 
 
@@ -170,7 +177,7 @@ def test_a_hostile_video_name_is_escaped_everywhere(capsys, state, tmp_path):
     assert "<script" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; &quot;x&quot;" in page
     tips = [tip for _, rect, tip in bars(svg_of(tmp_path / "t.html"))
-            if rect.get("data-job").startswith("b0001/")]
+            if rect.attrib["data-job"].startswith("b0001/")]
     assert tips and all(f"video {HOSTILE} (batch b0001)" in tip for tip in tips)
 
 
@@ -179,11 +186,11 @@ def test_named_batches_only_and_time_zero_is_the_first_ones_acceptance(
     code, printed, _ = draw(capsys, state, tmp_path / "t.svg", "b0002")
     assert code == 0 and "1 batch, 4 attempts on 2 instances" in printed
     svg = svg_of(tmp_path / "t.svg")
-    assert {rect.get("data-job").split("/")[0] for _, rect, _ in bars(svg)} == {"b0002"}
+    assert {rect.attrib["data-job"].split("/")[0] for _, rect, _ in bars(svg)} == {"b0002"}
     gates = [g.get("data-batch") for g in svg.iter(f"{SVG}g") if classes(g) == {"gate"}]
     assert gates == ["b0002"]
-    h1 = next(rect for _, rect, _ in bars(svg) if rect.get("data-job") == "b0002/H1")
-    assert float(h1.get("x")) == pytest.approx(report.LEFT + 1.5 / 4 * report.PLOT_W,
+    h1 = next(rect for _, rect, _ in bars(svg) if rect.attrib["data-job"] == "b0002/H1")
+    assert float(h1.attrib["x"]) == pytest.approx(report.LEFT + 1.5 / 4 * report.PLOT_W,
                                                abs=0.2)  # starts 1.5 s into 4 s
 
 
@@ -243,7 +250,7 @@ def test_with_a_retention_only_the_batches_of_the_kept_segments_are_drawn(capsys
     second = store.seq + 1
     store.record(ev.BatchAccepted(make_plan("b0004", frames=101)), T0 + 9)
     run(store, "b0004/H1", "low", 9.1, 10)
-    prompt_id = store.jobs["b0003/H1"].prompt_id
+    prompt_id = store.jobs["b0003/H1"].flying_prompt_id
     store.record(ev.JobSucceeded("b0003/H1", prompt_id, {}), T0 + 10)  # accepted before
     store.compact()  # two snapshots kept: the first segment goes
     log.close()
@@ -262,7 +269,7 @@ def test_a_single_attempt_and_two_thousand_jobs_both_draw():
     store.commit()
     tl = build_timeline(read_records(log))
     svg = ET.fromstring(report.render_svg(report.chart(tl, ["one"])))
-    assert [rect.get("data-job") for _, rect, _ in bars(svg)] == ["one/H1"]
+    assert [rect.attrib["data-job"] for _, rect, _ in bars(svg)] == ["one/H1"]
     big = Store(MemoryLog())
     for n in range(667):  # 3 jobs each
         big.record(ev.BatchAccepted(make_plan(f"b{n}", frames=101)), T0 + n)

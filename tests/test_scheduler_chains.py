@@ -122,12 +122,12 @@ class Farm:
             return
         job = self.store.jobs[queue.popleft()]
         self.running[instance_id] = job.job_id
-        self.store.record(ev.JobStarted(job.job_id, job.prompt_id), self.now)
+        self.store.record(ev.JobStarted(job.job_id, job.flying_prompt_id), self.now)
         heapq.heappush(self.ends, (self.now + self.durations[job.kind.value], instance_id))
 
     def finish(self, instance_id: str) -> None:
         job = self.store.jobs[self.running.pop(instance_id)]
-        self.store.record(ev.JobSucceeded(job.job_id, job.prompt_id, {}), self.now)
+        self.store.record(ev.JobSucceeded(job.job_id, job.flying_prompt_id, {}), self.now)
         self.start(instance_id)
 
 

@@ -47,7 +47,7 @@ class Service:
         self.notify.bind(str(tmp / "notify.sock"))
         self.messages: list[str] = []  # everything the daemon told "systemd", in order
         threading.Thread(target=self._listen, daemon=True).start()
-        self.proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen[str] | None = None
 
     def _listen(self) -> None:
         with contextlib.suppress(OSError):  # closed at the end of the test
@@ -57,12 +57,23 @@ class Service:
     def start(self) -> Service:
         env = {**os.environ, "NOTIFY_SOCKET": self.notify.getsockname(),
                "WATCHDOG_USEC": "400000"}
-        self.proc = subprocess.Popen(
+        self._proc = subprocess.Popen(
             [sys.executable, str(PROJECT / "daemon.py"), "--config", str(self.config),
              "--state-dir", str(self.state)], cwd=PROJECT, env=env,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.wait_notify("READY=1")
         return self
+
+    @property
+    def proc(self) -> subprocess.Popen[str]:
+        """The daemon's process, once started."""
+        assert self._proc is not None, "the daemon was not started"
+        return self._proc
+
+    def stderr(self) -> str:
+        """What the daemon wrote to stderr (all of it once it has exited)."""
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read()
 
     def wait_notify(self, wanted: str, timeout: float = 20) -> None:
         wait_for(lambda: wanted in self.messages, wanted, timeout)
@@ -80,19 +91,22 @@ class Service:
             return None
         return batches.get(batch_id)
 
+    def wait_state(self, batch_id: str, state: str) -> None:
+        wait_for(lambda: self.batch_state(batch_id) == state, f"{batch_id} {state}")
+
     def terminate(self) -> float:
         """SIGTERM; returns how long the daemon took to exit."""
         started = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
-        assert self.proc.wait(timeout=15) == 0, self.proc.stderr.read()
+        assert self.proc.wait(timeout=15) == 0, self.stderr()
         return time.monotonic() - started
 
     def close(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc:
-            self.proc.stderr.close()
+        if self._proc and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        if self._proc and self._proc.stderr:
+            self._proc.stderr.close()
         self.notify.shutdown(socket.SHUT_RDWR)
         self.notify.close()
 
@@ -133,7 +147,7 @@ def test_files_dropped_every_way_are_rendered_once_and_systemd_hears_about_it(
             time.sleep(0.15)
     wait_for(lambda: len(spool_names(svc, "accepted")) == 4, "four accepted files")
     for n in range(1, 5):
-        wait_for(lambda n=n: svc.batch_state(f"b{n:04d}") == "done", f"b{n:04d} done")
+        svc.wait_state(f"b{n:04d}", "done")
     assert svc.terminate() < 10
     svc.wait_notify("STOPPING=1")
     assert svc.messages.index("READY=1") < svc.messages.index("STOPPING=1")
@@ -224,7 +238,7 @@ def test_sigterm_mid_run_then_restart_finishes_with_no_duplicate(tmp_path, sims,
     assert svc.terminate() < 10
     svc.start()
     for n in range(1, 4):
-        wait_for(lambda n=n: svc.batch_state(f"b{n:04d}") == "done", f"b{n:04d} done")
+        svc.wait_state(f"b{n:04d}", "done")
     runs = [r for sim in sims for r in sim.executions() if r["status"] == "success"]
     assert len(runs) == 27 and len({r["job_id"] for r in runs}) == 27
 

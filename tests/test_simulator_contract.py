@@ -785,7 +785,8 @@ def test_durations_kinds_and_switch_cost(tmp_path: Path) -> None:
 
 
 def test_progress_nodes_are_configurable(tmp_path: Path) -> None:
-    config = SimConfig(default_duration=0.02, progress_nodes={"ImageBlur"}, progress_steps=3)
+    config = SimConfig(default_duration=0.02, progress_nodes=frozenset({"ImageBlur"}),
+                       progress_steps=3)
     with start_simulator(config=config, output_dir=tmp_path) as handle:
         listener = sim_target(handle).listen("progress")
         prompt_id = sim_target(handle).submit(graph_slow(), client_id="progress")["prompt_id"]

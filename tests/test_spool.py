@@ -382,19 +382,19 @@ def test_what_the_spool_refuses_goes_to_rejected_with_a_reason(
 
 @pytest.mark.timeout(20)
 def test_a_file_swapped_for_a_fifo_while_scanning_is_never_opened_blocking(
-        layout: SpoolLayout) -> None:
+        layout: SpoolLayout, monkeypatch: pytest.MonkeyPatch) -> None:
     path = drop(layout, "swapped.txt")
     spool = Spool(layout)
     ready_at = spool._settle.ready_at  # between listing and reading, the file is replaced
 
-    def swap_then_ask(*args: object) -> float:
+    def swap_then_ask(name: str, st: os.stat_result, now: float) -> float:
         path.unlink()
         os.mkfifo(path)
-        return ready_at(*args)  # type: ignore[arg-type]
+        return ready_at(name, st, now)
 
-    spool._settle.ready_at = swap_then_ask  # type: ignore[method-assign]
+    monkeypatch.setattr(spool._settle, "ready_at", swap_then_ask)
     assert spool.scan(time.time() + LATER) == []
-    spool._settle.ready_at = ready_at  # type: ignore[method-assign]
+    monkeypatch.setattr(spool._settle, "ready_at", ready_at)
     assert spool.scan(time.time() + LATER) == []
     assert reason_of(layout.rejected / "swapped.txt").startswith("a FIFO")
 
@@ -465,7 +465,7 @@ def loop_turn(spool: Spool, recorded: dict[str, str], now: float) -> None:
     """What the loop does with one scan (the duplicate rule is the loop's; it knows the
     recorded sha256s from the event log): a batch for new content, a rejection for the same
     content again unless forced, and the moves to accepted/ once the batches are durable."""
-    accepts = []
+    accepts: list[tuple[Candidate, str]] = []
     for c in spool.scan(now):
         if c.sha256 in recorded and not c.force:
             spool.reject(c, f"duplicate of batch {recorded[c.sha256]}; use --force", now)

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from support import dispatch, make_plan, run_to_success
@@ -27,6 +28,7 @@ from statemachine import events as ev
 from statemachine.log import EventLog, LogReader, MemoryLog
 from statemachine.store import Store
 
+T = TypeVar("T")
 PROJECT = Path(__file__).resolve().parent.parent
 GOOD = b"sunset_beach\n\n202\n\nA sunset over the sea\n\nblurry\n"
 VIDEO = {"9": {"images": [{"filename": "sunset_beach.mp4", "subfolder": "b0001-sunset_beach",
@@ -85,14 +87,15 @@ def background(work: Callable[[threading.Event], None]) -> Iterator[None]:
         raise errors[0]
 
 
-def wait_for(probe: Callable[[], object], stop: threading.Event, timeout: float = 10) -> object:
+def wait_for(probe: Callable[[], T], stop: threading.Event, timeout: float = 10) -> T:
+    """The first true value of ``probe``; fails once ``stop`` is set or ``timeout`` is over."""
     deadline = time.monotonic() + timeout
     while not stop.is_set() and time.monotonic() < deadline:
         found = probe()
         if found:
             return found
         stop.wait(0.01)
-    return None
+    raise AssertionError("stopped or timed out before the probe found anything")
 
 
 # --- state the tests set up ---------------------------------------------------------------
@@ -393,6 +396,7 @@ def test_watch_redraws_until_the_watched_batches_end(state, daemon):
     proc = subprocess.Popen(
         [sys.executable, "submit.py", "watch", "--interval", "0.05", "--state-dir", str(state)],
         cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
     try:
         first = [proc.stdout.readline() for _ in range(3)]
         assert first[0].startswith("daemon running") and "rendering" in first[2]

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -46,7 +47,7 @@ class Farm:
     url: str
     proc: subprocess.Popen
 
-    def get(self, path: str, **kwargs: object) -> requests.Response:
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
         return requests.get(self.url + path, timeout=10, **kwargs)
 
     def events(self) -> list[dict]:
@@ -222,10 +223,12 @@ class Cells(HTMLParser):
             self._batch.append(a.get("data-batch") or (self._batch[-1] if self._batch else
                                                        None))
         classes = (a.get("class") or "").split()
-        if "cell" in classes and a.get("data-job") and self._batch and self._batch[-1]:
-            self.cells.setdefault(self._batch[-1], {})[a["data-job"]] = a.get("data-state", "")
-        if tag == "a" and a.get("href", "").startswith("/outputs/"):
-            self.links.append(a["href"])
+        job, batch = a.get("data-job"), self._batch[-1] if self._batch else None
+        if "cell" in classes and job and batch:
+            self.cells.setdefault(batch, {})[job] = a.get("data-state") or ""
+        href = a.get("href") or ""
+        if tag == "a" and href.startswith("/outputs/"):
+            self.links.append(href)
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "div" and self._batch:
