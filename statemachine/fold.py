@@ -65,7 +65,7 @@ class Fold:
             subject: Any = self._move_job(seq, ts, event, job_event, append)
         elif kind in _BATCH_TRIGGERS:
             subject = self._move_batch(ts, event, _BATCH_TRIGGERS[kind], append)
-        elif kind is ev.BatchAccepted:
+        elif isinstance(event, ev.BatchAccepted):
             subject = self.accept(ts, event, append)
         else:
             if append is not None:
@@ -117,7 +117,7 @@ class Fold:
             take(event, job, ts)
         self.indexes.moved(job, old, seq, live=append is not None)
         if old in IN_FLIGHT and job.state not in IN_FLIGHT and job.state is not \
-                JobState.SUCCEEDED and sent_to is not None:
+                JobState.SUCCEEDED and sent_to is not None and prompt_id is not None:
             self.health.abandon(sent_to, prompt_id)
         return job
 

@@ -21,7 +21,7 @@ class InstanceHealth:
         self.up: dict[str, bool] = {}
         self.abandoned: dict[str, set[str]] = {}  # instance -> prompts it may still run
 
-    def apply(self, event: Any) -> str:
+    def apply(self, event: ev.Event) -> str:
         """An instance went up or down, or withdrew prompts it had been left with."""
         if isinstance(event, ev.PromptsWithdrawn):
             left = self.abandoned.get(event.instance_id, set()) - set(event.prompt_ids)
@@ -29,8 +29,10 @@ class InstanceHealth:
                 self.abandoned[event.instance_id] = left
             else:
                 self.abandoned.pop(event.instance_id, None)
-        else:
+        elif isinstance(event, ev.InstanceUp | ev.InstanceDown):
             self.up[event.instance_id] = isinstance(event, ev.InstanceUp)
+        else:
+            raise TypeError(f"{event.type} is not an instance event")
         return event.instance_id
 
     def abandon(self, instance_id: str, prompt_id: str) -> None:
