@@ -13,8 +13,7 @@ $(STAMP): pyproject.toml
 # .venv with the project and its test extra installed, nothing run.
 venv: $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m ruff check .
+test: lint
 	$(PY) -m pytest -q
 
 # Three example videos on two simulated ComfyUI servers, then the same on one server.
