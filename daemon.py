@@ -36,7 +36,7 @@ from service.loop import Loop
 from service.notify import Notifier
 from service.summary import figures, render_summary
 from service.web import StatusWeb
-from spool.intake import Spool
+from spool.folder import DropFolder
 from spool.layout import SpoolLayout
 from spool.reading import plan_file
 from spool.watcher import SpoolWatcher
@@ -104,7 +104,7 @@ class Stop:
 
 
 @contextlib.contextmanager
-def opened(settings: config.Settings, *, spool: Spool | None = None,
+def opened(settings: config.Settings, *, spool: DropFolder | None = None,
            commands: Path | None = None) -> Iterator[Loop]:
     """The state directory locked and replayed, agents running, a loop ready to turn
     (with ``spool`` and ``commands``: the service's drop folder and command folder)."""
@@ -166,7 +166,7 @@ def serve(settings: config.Settings, stop: Stop, notifier: Notifier) -> int:
     layout.create()
     for path in layout.sweep_tmp(time.time()):
         log.info("🧹 removed a file a writer left unfinished in the spool", file=path)
-    spool = Spool(layout, max_bytes=settings.max_file_bytes)
+    spool = DropFolder(layout, max_bytes=settings.max_file_bytes)
     with opened(settings, spool=spool, commands=layout.commands) as loop, \
             _watching(layout, loop.post):
         log.info("👂 watching the spool", incoming=str(layout.incoming))

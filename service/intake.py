@@ -24,7 +24,7 @@ import structlog
 
 from service.agents import Defer
 from spool.commands import pending_commands, reply
-from spool.intake import Candidate, Spool
+from spool.folder import Candidate, DropFolder
 from spool.reading import read_prompt_file
 from spool.watcher import SpoolHint
 from statemachine.admission import record_file
@@ -51,7 +51,7 @@ class Intake:
     until the turn's events are durable. Without a spool, files come only as messages."""
 
     def __init__(self, settings: Any, store: Store, defer: Defer, *,
-                 spool: Spool | None = None, commands: Path | None = None) -> None:
+                 spool: DropFolder | None = None, commands: Path | None = None) -> None:
         self.settings = settings
         self.store = store
         self.defer = defer
@@ -120,7 +120,7 @@ class Intake:
             self.store.record(event, now)
         return True, f"{batch_id} {'cancelled' if command == 'cancel' else 'retried'}"
 
-    def _from_spool(self, spool: Spool, c: Candidate, now: float) -> str | None:
+    def _from_spool(self, spool: DropFolder, c: Candidate, now: float) -> str | None:
         """The batch id ``c`` belongs to (recording a new batch if needed), or None when it
         was rejected."""
         earlier = self.batch_of(c.data)

@@ -45,7 +45,7 @@ from service.status import BusyMeter
 from service.status_report import Publish, StatusReport
 from service.timeouts import Timeouts
 from service.tracking import Tracker
-from spool.intake import Spool
+from spool.folder import DropFolder
 from spool.watcher import SpoolHint
 from statedir import StateDir
 from statemachine import events as ev
@@ -65,7 +65,7 @@ class Loop:
                  workflows: Mapping[JobKind, Workflow], *,
                  inbox: queue.SimpleQueue[object] | None = None,
                  status_path: Path | None = None, daemon_info: Mapping[str, Any] | None = None,
-                 spool: Spool | None = None, commands: Path | None = None,
+                 spool: DropFolder | None = None, commands: Path | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.store = store

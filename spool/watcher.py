@@ -54,7 +54,7 @@ class HintKind(Enum):
 
 @dataclass(frozen=True, slots=True)
 class SpoolHint:
-    """What the watcher saw; the loop hands it to ``Spool.note``."""
+    """What the watcher saw; the loop hands it to ``DropFolder.note``."""
 
     kind: HintKind
     path: str = ""

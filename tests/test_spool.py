@@ -23,7 +23,7 @@ from watchdog.events import (
     FileSystemEvent,
 )
 
-from spool.intake import Candidate, Spool
+from spool.folder import Candidate, DropFolder
 from spool.layout import MAX_NAME_BYTES, SpoolLayout
 from spool.watcher import (
     OVERFLOW_LOGGER,
@@ -66,7 +66,7 @@ def drop(layout: SpoolLayout, name: str | bytes, data: bytes = PROMPT, *,
     return Path(os.fsdecode(target))
 
 
-def wait_for(inbox: queue.SimpleQueue[SpoolHint], spool: Spool,
+def wait_for(inbox: queue.SimpleQueue[SpoolHint], spool: DropFolder,
              wanted: Callable[[SpoolHint], bool], timeout: float = 10.0) -> SpoolHint:
     """Feed hints to the spool (as the loop does) until one is ``wanted``."""
     deadline = time.monotonic() + timeout
@@ -77,7 +77,7 @@ def wait_for(inbox: queue.SimpleQueue[SpoolHint], spool: Spool,
             return hint
 
 
-def feed(inbox: queue.SimpleQueue[SpoolHint], spool: Spool) -> None:
+def feed(inbox: queue.SimpleQueue[SpoolHint], spool: DropFolder) -> None:
     while True:
         try:
             spool.note(inbox.get_nowait())
@@ -122,7 +122,7 @@ def test_files_left_in_the_tmp_folders_are_swept_once_they_are_old(layout: Spool
 
 def test_a_file_renamed_in_is_taken_as_soon_as_its_event_is_seen(
         layout: SpoolLayout, hints: queue.SimpleQueue[SpoolHint]) -> None:
-    spool = Spool(layout, settle=30.0)  # without the event it would wait 30 s
+    spool = DropFolder(layout, settle=30.0)  # without the event it would wait 30 s
     path = drop(layout, "sunset.txt")
     assert spool.scan(time.time()) == []  # fresh mtime, no event seen yet: not yet
     wait_for(hints, spool, lambda h: h == SpoolHint(HintKind.COMPLETE, str(path)))
@@ -136,7 +136,7 @@ def test_a_file_renamed_in_is_taken_as_soon_as_its_event_is_seen(
 
 def test_a_file_renamed_into_force_is_marked_force(
         layout: SpoolLayout, hints: queue.SimpleQueue[SpoolHint]) -> None:
-    spool = Spool(layout, settle=30.0)
+    spool = DropFolder(layout, settle=30.0)
     path = drop(layout, "again.txt", force=True)
     wait_for(hints, spool, lambda h: h.path == str(path) and h.kind is HintKind.COMPLETE)
     [c] = spool.scan(time.time())
@@ -159,7 +159,7 @@ def slow_writer(path: Path, pieces: list[bytes], pause: float) -> threading.Thre
 def test_a_file_written_in_place_slowly_is_only_taken_whole(
         layout: SpoolLayout, watching: bool) -> None:
     settle = 0.5
-    spool = Spool(layout, settle=settle)
+    spool = DropFolder(layout, settle=settle)
     inbox: queue.SimpleQueue[SpoolHint] = queue.SimpleQueue()
     pieces = [b"%d " % i * 50 for i in range(8)]
     with SpoolWatcher(layout, inbox.put if watching else lambda hint: None):
@@ -177,7 +177,7 @@ def test_a_file_written_in_place_slowly_is_only_taken_whole(
 
 def test_in_place_events_say_writing_then_complete(
         layout: SpoolLayout, hints: queue.SimpleQueue[SpoolHint]) -> None:
-    spool = Spool(layout)
+    spool = DropFolder(layout)
     path = layout.incoming / "inplace.txt"
     path.write_bytes(PROMPT)
     first = wait_for(hints, spool, lambda h: h.path == str(path))
@@ -188,7 +188,7 @@ def test_in_place_events_say_writing_then_complete(
 
 def test_a_writer_holding_the_file_open_is_waited_for_until_it_closes(
         layout: SpoolLayout) -> None:
-    spool = Spool(layout, settle=0.5, writer_timeout=60.0, rescan_interval=1000.0)
+    spool = DropFolder(layout, settle=0.5, writer_timeout=60.0, rescan_interval=1000.0)
     path = layout.incoming / "typing.txt"
     path.write_bytes(PROMPT[:10])
     mtime = path.stat().st_mtime
@@ -200,7 +200,7 @@ def test_a_writer_holding_the_file_open_is_waited_for_until_it_closes(
 
 
 def test_after_lost_events_a_writing_file_settles_normally(layout: SpoolLayout) -> None:
-    spool = Spool(layout, settle=0.5, writer_timeout=60.0)
+    spool = DropFolder(layout, settle=0.5, writer_timeout=60.0)
     path = layout.incoming / "lost-close.txt"
     path.write_bytes(PROMPT)
     mtime = path.stat().st_mtime
@@ -211,7 +211,7 @@ def test_after_lost_events_a_writing_file_settles_normally(layout: SpoolLayout) 
 
 
 def test_a_complete_file_written_to_again_waits_again(layout: SpoolLayout) -> None:
-    spool = Spool(layout, settle=0.5)
+    spool = DropFolder(layout, settle=0.5)
     path = drop(layout, "grows.txt")
     spool.note(SpoolHint(HintKind.COMPLETE, str(path)))
     with open(path, "ab") as f:
@@ -226,7 +226,7 @@ def test_files_dropped_while_the_daemon_was_down_are_taken_at_start(
     old = drop(layout, "old.txt", b"old")
     os.utime(old, (time.time() - 60, time.time() - 60))
     fresh = drop(layout, "fresh.txt", b"fresh")
-    spool = Spool(layout, settle=0.5)
+    spool = DropFolder(layout, settle=0.5)
     with SpoolWatcher(layout, lambda hint: None):
         now = time.time()
         assert spool.due(now)
@@ -239,7 +239,7 @@ def test_files_dropped_while_the_daemon_was_down_are_taken_at_start(
 
 def test_scans_are_due_after_hints_at_the_limit_and_periodically(
         layout: SpoolLayout) -> None:
-    spool = Spool(layout, rescan_interval=2.0)
+    spool = DropFolder(layout, rescan_interval=2.0)
     now = time.time() + LATER
     for i in range(3):
         drop(layout, f"p{i}.txt", b"%d" % i)
@@ -255,7 +255,7 @@ def test_scans_are_due_after_hints_at_the_limit_and_periodically(
 
 
 def test_one_scan_reads_a_bounded_amount_of_data(layout: SpoolLayout) -> None:
-    spool = Spool(layout, scan_bytes=1_000_000)
+    spool = DropFolder(layout, scan_bytes=1_000_000)
     for i in range(3):
         drop(layout, f"big{i}.txt", bytes([i]) * 600_000)
     assert len(spool.scan(time.time() + LATER)) == 2
@@ -265,7 +265,7 @@ def test_one_scan_reads_a_bounded_amount_of_data(layout: SpoolLayout) -> None:
 def test_dot_files_are_left_to_their_writers(layout: SpoolLayout) -> None:
     (layout.incoming / ".sunset.txt.tmp").write_bytes(PROMPT)
     (layout.incoming / ".hidden-dir").mkdir()
-    spool = Spool(layout)
+    spool = DropFolder(layout)
     assert spool.scan(time.time() + 3600) == []
     assert names(layout.incoming) == {"force", ".sunset.txt.tmp", ".hidden-dir"}
 
@@ -273,7 +273,7 @@ def test_dot_files_are_left_to_their_writers(layout: SpoolLayout) -> None:
 def _take_everything(layout: SpoolLayout, n: int, inbox: queue.SimpleQueue[SpoolHint]
                      ) -> list[Candidate]:
     """The loop's way: note hints, scan when due (at most 500 a turn), accept them all."""
-    spool = Spool(layout)
+    spool = DropFolder(layout)
     taken: list[Candidate] = []
     deadline = time.monotonic() + 60
     while len(taken) < n and time.monotonic() < deadline:
@@ -369,7 +369,7 @@ def test_what_the_spool_refuses_goes_to_rejected_with_a_reason(
     make, why = case
     path = make(layout)
     kind = os.lstat(path).st_mode & 0o170000
-    spool = Spool(layout)
+    spool = DropFolder(layout)
     assert spool.scan(time.time() + LATER) == []
     assert names(layout.incoming) == {"force"}
     [moved] = [p for p in layout.rejected.iterdir() if not p.name.endswith(".reason")]
@@ -384,7 +384,7 @@ def test_what_the_spool_refuses_goes_to_rejected_with_a_reason(
 def test_a_file_swapped_for_a_fifo_while_scanning_is_never_opened_blocking(
         layout: SpoolLayout, monkeypatch: pytest.MonkeyPatch) -> None:
     path = drop(layout, "swapped.txt")
-    spool = Spool(layout)
+    spool = DropFolder(layout)
     ready_at = spool._settle.ready_at  # between listing and reading, the file is replaced
 
     def swap_then_ask(name: str, st: os.stat_result, now: float) -> float:
@@ -402,7 +402,7 @@ def test_a_file_swapped_for_a_fifo_while_scanning_is_never_opened_blocking(
 def test_a_rejected_directory_and_link_keep_what_they_held(layout: SpoolLayout) -> None:
     make_directory(layout)
     make_symlink(layout)
-    Spool(layout).scan(time.time() + LATER)
+    DropFolder(layout).scan(time.time() + LATER)
     assert (layout.rejected / "folder" / "inside.txt").read_bytes() == PROMPT
     assert os.readlink(layout.rejected / "link.txt") == str(layout.tmp / "target.txt")
     assert (layout.tmp / "target.txt").read_bytes() == PROMPT
@@ -410,14 +410,14 @@ def test_a_rejected_directory_and_link_keep_what_they_held(layout: SpoolLayout) 
 
 def test_a_file_of_exactly_1_mib_is_read(layout: SpoolLayout) -> None:
     drop(layout, "edge.txt", b"x" * MAX_FILE_BYTES)
-    [c] = Spool(layout).scan(time.time() + LATER)
+    [c] = DropFolder(layout).scan(time.time() + LATER)
     assert len(c.data) == MAX_FILE_BYTES
 
 
 def test_a_directory_dropped_into_force_is_refused_and_force_itself_kept(
         layout: SpoolLayout) -> None:
     (layout.force / "sub").mkdir()
-    Spool(layout).scan(time.time() + LATER)
+    DropFolder(layout).scan(time.time() + LATER)
     assert names(layout.force) == set()
     assert "from incoming/force/sub" in reason_of(layout.rejected / "sub")
 
@@ -427,7 +427,7 @@ def test_a_directory_dropped_into_force_is_refused_and_force_itself_kept(
 def test_the_planners_refusals_are_rejected_by_the_loop_with_its_reason(
         layout: SpoolLayout, data: bytes, why: str) -> None:
     drop(layout, "bad.txt", data)
-    spool = Spool(layout)
+    spool = DropFolder(layout)
     now = time.time() + LATER
     [c] = spool.scan(now)
     with pytest.raises(BadInput) as refused:
@@ -437,7 +437,7 @@ def test_the_planners_refusals_are_rejected_by_the_loop_with_its_reason(
 
 
 def test_rejected_names_never_collide(layout: SpoolLayout) -> None:
-    spool = Spool(layout)
+    spool = DropFolder(layout)
     (layout.rejected / "same.txt.reason").write_text("left by someone")
     for n in range(3):
         drop(layout, "same.txt", b"%d" % n)
@@ -450,7 +450,7 @@ def test_rejected_names_never_collide(layout: SpoolLayout) -> None:
 
 
 def test_any_entry_of_incoming_can_be_rejected_by_path(layout: SpoolLayout) -> None:
-    spool = Spool(layout)
+    spool = DropFolder(layout)
     path = drop(layout, "whatever.txt", force=True)
     assert spool.reject(path, "cancelled by hand", time.time()) == (
         layout.rejected / "whatever.txt")
@@ -461,7 +461,7 @@ def test_any_entry_of_incoming_can_be_rejected_by_path(layout: SpoolLayout) -> N
 # --- duplicates, crashes and changes -----------------------------------------------------
 
 
-def loop_turn(spool: Spool, recorded: dict[str, str], now: float) -> None:
+def loop_turn(spool: DropFolder, recorded: dict[str, str], now: float) -> None:
     """What the loop does with one scan (the duplicate rule is the loop's; it knows the
     recorded sha256s from the event log): a batch for new content, a rejection for the same
     content again unless forced, and the moves to accepted/ once the batches are durable."""
@@ -477,7 +477,7 @@ def loop_turn(spool: Spool, recorded: dict[str, str], now: float) -> None:
 
 
 def test_a_duplicate_is_rejected_unless_forced(layout: SpoolLayout) -> None:
-    spool = Spool(layout)
+    spool = DropFolder(layout)
     recorded: dict[str, str] = {}
     drop(layout, "sunset.txt")
     loop_turn(spool, recorded, time.time() + LATER)
@@ -493,9 +493,9 @@ def test_a_duplicate_is_rejected_unless_forced(layout: SpoolLayout) -> None:
 def test_a_file_left_in_incoming_by_a_crash_is_accepted_for_its_recorded_batch(
         layout: SpoolLayout) -> None:
     drop(layout, "sunset.txt")
-    [c] = Spool(layout).scan(time.time() + LATER)
+    [c] = DropFolder(layout).scan(time.time() + LATER)
     recorded = {c.sha256: ("b0001", c.name)}  # the batch is durable; then the crash
-    restarted = Spool(layout)
+    restarted = DropFolder(layout)
     [again] = restarted.scan(time.time() + LATER)
     batch_id, source = recorded[again.sha256]
     assert source == again.name and not restarted.was_accepted(batch_id, again.name)
@@ -505,7 +505,7 @@ def test_a_file_left_in_incoming_by_a_crash_is_accepted_for_its_recorded_batch(
 
 def test_a_file_replaced_after_it_was_read_is_not_moved(layout: SpoolLayout) -> None:
     path = drop(layout, "sunset.txt")
-    spool = Spool(layout)
+    spool = DropFolder(layout)
     [c] = spool.scan(time.time() + LATER)
     path.write_bytes(b"another video")
     assert spool.accept(c, "b0001") is None
@@ -518,7 +518,7 @@ def test_a_file_replaced_after_it_was_read_is_not_moved(layout: SpoolLayout) -> 
 def test_a_file_that_cannot_be_moved_is_left_alone_until_it_changes(
         layout: SpoolLayout, monkeypatch: pytest.MonkeyPatch) -> None:
     path = drop(layout, "stuck.txt")
-    spool = Spool(layout)
+    spool = DropFolder(layout)
     [c] = spool.scan(time.time() + LATER)
 
     def refuse(src: object, dst: object) -> None:
@@ -540,7 +540,7 @@ def test_a_file_that_cannot_be_moved_is_left_alone_until_it_changes(
 def test_any_utf8_name_is_accepted_under_its_batch_id(layout: SpoolLayout) -> None:
     name = "vidéo 1 — 🌅 (final)\n.txt"
     drop(layout, name)
-    spool = Spool(layout)
+    spool = DropFolder(layout)
     [c] = spool.scan(time.time() + LATER)
     assert c.name == name
     assert spool.accept(c, "b0007") == layout.accepted / f"b0007-{name}"
@@ -550,7 +550,7 @@ def test_any_utf8_name_is_accepted_under_its_batch_id(layout: SpoolLayout) -> No
 def test_a_batch_id_that_is_not_a_plain_name_is_a_bug(layout: SpoolLayout,
                                                       batch_id: str) -> None:
     drop(layout, "x.txt")
-    spool = Spool(layout)
+    spool = DropFolder(layout)
     [c] = spool.scan(time.time() + LATER)
     with pytest.raises(ValueError, match="not a plain file name"):
         spool.accept(c, batch_id)

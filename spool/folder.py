@@ -67,7 +67,7 @@ class _Entry:
     st: os.stat_result
 
 
-class Spool:
+class DropFolder:
     """The drop folder, seen from the loop thread.
 
     Per turn: ``note`` each :class:`SpoolHint` from the inbox; if ``due(now)``, ``scan``;
