@@ -171,8 +171,8 @@ class DropFolder:
         file that changed since it was read (it is offered again) or could not be moved.
 
         After a crash between recording a batch and this move, the file is still in
-        ``incoming/``: the loop finds its sha256 already recorded and calls this for the
-        recorded batch (see ``was_accepted``), recording nothing new."""
+        ``incoming/``: the loop finds it recorded (the same inode, size and mtime) and
+        calls this for the recorded batch, recording nothing new."""
         named = [(c, accepted_name(batch_id, c.name)) for c, batch_id in items]
         moved = [self._move(str(c.path), c.ident, self.layout.accepted, name)
                  if _unchanged(c) else None for c, name in named]
@@ -182,12 +182,6 @@ class DropFolder:
 
     def accept(self, candidate: Candidate, batch_id: str) -> Path | None:
         return self.accept_all([(candidate, batch_id)])[0]
-
-    def was_accepted(self, batch_id: str, name: str) -> bool:
-        """Whether ``accepted/<batch_id>-<name>`` exists: tells a file left in incoming/ by
-        a crash (its batch recorded, the file not moved yet) from a new duplicate."""
-        target = accepted_name(batch_id, name)
-        return os.path.lexists(os.path.join(os.fsencode(self.layout.accepted), target))
 
     def reject(self, entry: Candidate | Path, reason: str, now: float) -> Path | None:
         """Move a candidate (or any entry of incoming/) to ``rejected/`` with a

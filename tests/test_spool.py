@@ -498,9 +498,10 @@ def test_a_file_left_in_incoming_by_a_crash_is_accepted_for_its_recorded_batch(
     restarted = DropFolder(layout)
     [again] = restarted.scan(time.time() + LATER)
     batch_id, source = recorded[again.sha256]
-    assert source == again.name and not restarted.was_accepted(batch_id, again.name)
+    assert source == again.name and not names(layout.accepted)
     assert restarted.accept(again, batch_id) == layout.accepted / "b0001-sunset.txt"
-    assert restarted.was_accepted(batch_id, again.name)
+    assert names(layout.accepted) == {"b0001-sunset.txt"}
+    assert names(layout.incoming) == {"force"}
 
 
 def test_a_file_replaced_after_it_was_read_is_not_moved(layout: SpoolLayout) -> None:
