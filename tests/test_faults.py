@@ -7,11 +7,12 @@ import itertools
 import threading
 from collections import Counter
 
-from support import wait_for
+from support import logged, wait_for
 from test_end_to_end import prompt_file, settings_for
 
 import daemon
 from instances.client import ComfyClient
+from statemachine.errors import ServerError
 from statemachine.log import EventLog
 from statemachine.store import read_records
 
@@ -51,21 +52,53 @@ def test_a_hung_render_is_interrupted_after_job_timeout_and_retried(tmp_path, si
 
 
 def test_http_500_for_a_while_delays_but_uses_no_attempt_and_runs_nothing_twice(
-        tmp_path, sims):
+        tmp_path, sims, monkeypatch):
+    """The LOW server starts answering 500 just as the first LOW job is posted to it, and
+    goes on until that POST was refused, the daemon has marked the server down and a
+    probe of its health was refused too (the probe must see it fail to see it recover)."""
     high, low = sims
+    state = tmp_path / "state"
+    post_refused, probe_refused = threading.Event(), threading.Event()
+    submit, system_stats = ComfyClient.submit, ComfyClient.system_stats
+    first_post = threading.Lock()
 
-    def break_low_for_a_while():
-        wait_for(lambda: low.executions(), "the first LOW job")
-        low.set_faults(http_500=True)  # the next POST /prompt (and probe) get a 500
-        threading.Event().wait(1.0)
-        low.set_faults(http_500=False)
+    def break_low_on_its_first_post(client, *args, **kwargs):
+        if client.base_url != low.url or not first_post.acquire(blocking=False):
+            return submit(client, *args, **kwargs)
+        low.set_faults(http_500=True)  # this POST /prompt and every GET get a 500
+        try:
+            return submit(client, *args, **kwargs)
+        except ServerError:
+            post_refused.set()
+            raise
 
-    settings = settings_for(tmp_path / "state", high.port, low.port, FALLBACK=False)
-    result = run_while(break_low_for_a_while, settings, [prompt_file(tmp_path, "flaky", 303)])
-    assert result.all_done
-    types = [e.type for e in events(tmp_path / "state")]
+    def probe(client, *args, **kwargs):
+        try:
+            return system_stats(client, *args, **kwargs)
+        except ServerError:
+            if client.base_url == low.url and post_refused.is_set():
+                probe_refused.set()
+            raise
+
+    def mend_low_once_seen_down():
+        wait_for(first_post.locked, "a POST to the LOW server", timeout=60)
+        try:
+            wait_for(post_refused.is_set, "the POST refused", timeout=60)
+            wait_for(lambda: [e for e in logged(state, "instance_down")
+                              if e.instance_id == "low_priority"],
+                     "the LOW server marked down", timeout=60)
+            wait_for(probe_refused.is_set, "a probe of the LOW server refused", timeout=60)
+        finally:
+            low.set_faults(http_500=False)
+
+    monkeypatch.setattr(ComfyClient, "submit", break_low_on_its_first_post)
+    monkeypatch.setattr(ComfyClient, "system_stats", probe)
+    settings = settings_for(state, high.port, low.port, FALLBACK=False)
+    result = run_while(mend_low_once_seen_down, settings, [prompt_file(tmp_path, "flaky", 303)])
+    assert result.all_done and post_refused.is_set()
+    types = [e.type for e in events(state)]
     assert "job_attempt_failed" not in types and "job_failed" not in types
-    assert "instance_down" in types
+    assert [e for e in events(state, "instance_down") if e.instance_id == "low_priority"]
     assert set(high.counts().values()) == {1} and set(low.counts().values()) == {1}
 
 
