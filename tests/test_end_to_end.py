@@ -13,7 +13,7 @@ from pathlib import Path
 
 import structlog
 from structlog.testing import capture_logs
-from support import log_lines
+from support import log_lines, logged, wait_for
 
 import config
 import daemon
@@ -158,18 +158,23 @@ def test_a_server_killed_mid_job_and_restarted_reruns_the_job(tmp_path, sims):
     high, low = sims
     killed: list[str] = []
 
+    state = tmp_path / "state"
+
     def kill_first_low_job():
-        while not any(r["kind"] == "LOW" for r in low.executions()):
-            threading.Event().wait(0.01)
+        wait_for(lambda: any(r["kind"] == "LOW" for r in low.executions()), "a LOW job",
+                 timeout=60)
         killed.append(low.executions()[0]["job_id"])
         low.kill()
-        threading.Event().wait(0.3)
-        low.start()
+        try:
+            wait_for(lambda: [e for e in logged(state, "instance_down")
+                              if e.instance_id == "low_priority"],
+                     "the killed server seen down", timeout=60)
+        finally:
+            low.start()
 
     killer = threading.Thread(target=kill_first_low_job)
     killer.start()
-    result = run(settings_for(tmp_path / "state", high.port, low.port),
-                 [prompt_file(tmp_path, "k", 202)])
+    result = run(settings_for(state, high.port, low.port), [prompt_file(tmp_path, "k", 202)])
     killer.join()
     assert result.all_done
     statuses = [r["status"] for r in runs_by_job(high, low)[killed[0]]]
