@@ -104,6 +104,7 @@ def test_http_500_for_a_while_delays_but_uses_no_attempt_and_runs_nothing_twice(
 
 def test_jobs_of_a_server_gone_for_instance_lost_timeout_move_to_another(tmp_path, sims):
     high, low = sims
+    low.set_faults(hang=True)  # the LOW job is still running when the server dies
 
     def kill_low_mid_job():
         wait_for(lambda: low.executions(), "a LOW job running")
