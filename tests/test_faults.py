@@ -8,7 +8,7 @@ import threading
 from collections import Counter
 
 from support import logged, wait_for
-from test_end_to_end import prompt_file, settings_for
+from test_end_to_end import prompt_file, run, settings_for
 
 import daemon
 from instances.client import ComfyClient
@@ -32,18 +32,26 @@ def events(state, type_: str | None = None) -> list:
             if type_ is None or r.event.type == type_]
 
 
-def test_a_hung_render_is_interrupted_after_job_timeout_and_retried(tmp_path, sims):
+def hang_until_the_first_interrupt(monkeypatch, sim) -> None:
+    """Renders on ``sim`` hang until the daemon interrupts one: from then on they run
+    (the knob is cleared as the interrupt is sent, so the retry cannot hang too)."""
+    sim.set_faults(hang=True)
+    interrupt = ComfyClient.interrupt
+
+    def interrupt_and_unhang(client, prompt_id):
+        if client.base_url == sim.url:
+            sim.set_faults(hang=False)
+        return interrupt(client, prompt_id)
+
+    monkeypatch.setattr(ComfyClient, "interrupt", interrupt_and_unhang)
+
+
+def test_a_hung_render_is_interrupted_after_job_timeout_and_retried(tmp_path, sims,
+                                                                     monkeypatch):
     high, low = sims
-    high.set_faults(hang=True)
-
-    def unhang_after_the_first_timeout():
-        wait_for(lambda: any(r["status"] == "interrupted" for r in high.executions()),
-                 "the hung render interrupted")
-        high.set_faults(hang=False)
-
+    hang_until_the_first_interrupt(monkeypatch, high)
     settings = settings_for(tmp_path / "state", high.port, low.port, JOB_TIMEOUT=0.5)
-    result = run_while(unhang_after_the_first_timeout, settings,
-                       [prompt_file(tmp_path, "hangs", 101)])
+    result = run(settings, [prompt_file(tmp_path, "hangs", 101)])
     assert result.all_done
     first = [r for r in high.executions() if r["job_id"] == "b0001/H1"]
     assert [r["status"] for r in first] == ["interrupted", "success"]
@@ -161,20 +169,14 @@ def successes_once(sims) -> bool:
 
 
 def test_a_job_queued_behind_a_hung_render_is_reconsidered_and_the_server_recovers(
-        tmp_path, sims):
+        tmp_path, sims, monkeypatch):
     high, low = sims
-    high.set_faults(hang=True)
+    hang_until_the_first_interrupt(monkeypatch, high)
     state = tmp_path / "state"
-
-    def unhang_once_interrupted():
-        wait_for(lambda: any(r["status"] == "interrupted" for r in high.executions()),
-                 "the hung render interrupted")
-        high.set_faults(hang=False)
-
     settings = settings_for(state, high.port, low.port, JOB_TIMEOUT=1.5, QUEUE_TIMEOUT=0.5,
                             FALLBACK=False)
-    result = run_while(unhang_once_interrupted, settings,
-                       [prompt_file(tmp_path, "first", 101), prompt_file(tmp_path, "second", 101)])
+    result = run(settings, [prompt_file(tmp_path, "first", 101),
+                            prompt_file(tmp_path, "second", 101)])
     assert result.all_done and successes_once(sims)
     assert any("QUEUE_TIMEOUT" in e.reason for e in events(state, "job_lost"))
     assert any("JOB_TIMEOUT" in e.error for e in events(state, "job_attempt_failed"))
