@@ -168,8 +168,8 @@ def test_a_server_out_of_work_steals_from_the_slower_kind(tmp_path):
 
 def test_a_server_killed_mid_job_and_restarted_reruns_the_job(tmp_path, sims):
     high, low = sims
+    low.set_faults(hang=True)  # the first LOW job is still running when the server dies
     killed: list[str] = []
-
     state = tmp_path / "state"
 
     def kill_first_low_job():
@@ -182,6 +182,7 @@ def test_a_server_killed_mid_job_and_restarted_reruns_the_job(tmp_path, sims):
                               if e.instance_id == "low_priority"],
                      "the killed server seen down", timeout=60)
         finally:
+            low.set_faults(hang=False)
             low.start()
 
     killer = threading.Thread(target=kill_first_low_job)
