@@ -64,6 +64,15 @@ def log_lines(state_dir: Path) -> list[bytes]:
     return [line for _, line in files.history() if line.endswith(b"\n")]
 
 
+def logged(state_dir: Path, type_: str) -> list[Any]:
+    """The events of ``type_`` committed so far (of the class of that type); safe to call
+    while a daemon writes the log (it only reads, and a line is read only once it is
+    whole)."""
+    tag = f'"{type_}"'.encode()
+    found = (ev.decode(line).event for line in log_lines(state_dir) if tag in line)
+    return [event for event in found if event.type == type_]
+
+
 def planned_jobs(state_dir: Path, batch_id: str) -> list[str]:
     """The job ids the log's ``batch_accepted`` of ``batch_id`` lays out."""
     for line in log_lines(state_dir):

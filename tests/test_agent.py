@@ -13,7 +13,7 @@ import pytest
 from support import wait_for
 
 from instances.agent import InstanceAgent
-from instances.client import JobOutcome, StreamEvent
+from instances.client import JobOutcome, QueueSnapshot, StreamEvent
 from instances.messages import Finished, Health
 from simulator import SimConfig, start_simulator
 
@@ -123,7 +123,8 @@ def test_a_run_the_stream_may_have_missed_parts_of_is_looked_up(offline, events)
 
 # --- stopping a prompt -------------------------------------------------------------------
 
-SHORT_THEN_LONG = SimConfig(durations={"ENDING": 0.3, "NEXT": 2.0})
+def _short_then(next_duration: float) -> SimConfig:
+    return SimConfig(durations={"ENDING": 0.3, "NEXT": next_duration})
 
 
 def _post(agent: InstanceAgent, kind: str) -> str:
@@ -138,20 +139,24 @@ def test_a_stop_that_lands_after_its_prompt_ended_leaves_the_next_one_alone(form
     """The worst moment to stop a prompt: the agent finds it running, then it ends and the
     next one starts before the interrupt arrives. ComfyUI (and the simulator) apply
     ``{"prompt_id": ...}`` only to that prompt, so the next one runs on; a bodiless
-    ``POST /interrupt`` would stop whatever runs then: the next prompt, at its first node."""
-    with start_simulator(config=SHORT_THEN_LONG) as sim:
+    ``POST /interrupt`` would stop whatever runs then: the next prompt, at its first node.
+
+    The agent's first look at the queue is answered, once the next prompt runs, with what
+    the server said while the first one still ran; the next prompt runs long enough for
+    the bodiless interrupt to find it whatever the pace of this thread."""
+    with start_simulator(config=_short_then(2.0 if form == "named" else 60.0)) as sim:
         agent = _agent(sim.port, lambda message: None)
         agent.start()
         try:
             ending, following = _post(agent, "ENDING"), _post(agent, "NEXT")
-            wait_for(lambda: agent.client.queue().running == (ending,), "the first to run")
             look = agent.client.queue
+            stale = [QueueSnapshot((ending,), (following,))]
 
-            def stale_look():  # what the server said just before the first prompt ended
-                snapshot = look()
-                if ending in snapshot.running:
+            def stale_look():  # first, what the server said just before the first one ended
+                if stale:
                     wait_for(lambda: look().running == (following,), "the next to start")
-                return snapshot
+                    return stale.pop()
+                return look()
 
             agent.client.queue = stale_look  # type: ignore[method-assign]
             if form == "named":
@@ -167,3 +172,4 @@ def test_a_stop_that_lands_after_its_prompt_ended_leaves_the_next_one_alone(form
             assert [r["status"] for r in sim.executions()] == ["success", "success"]
         else:
             assert (outcome.status, outcome.error) == ("interrupted", "interrupted at node 1")
+            assert [r["status"] for r in sim.executions()] == ["success", "interrupted"]

@@ -58,7 +58,9 @@ def test_a_full_disk_pauses_the_daemon_and_freeing_it_resumes(
     spool = small_disk / "spool"
     prompt(spool / "tmp", "v", frames=606).rename(spool / "incoming" / "v.txt")
     wait_for(lambda: sims[0].executions(), "the first render")
+    late = prompt(spool / "tmp", "late", frames=101)  # written while there is room
     filler = fill(small_disk)
+    late.rename(spool / "incoming" / "late.txt")  # something to record, whatever renders
     wait_for(lambda: any("EVENT LOG NOT WRITABLE" in m for m in status_lines(svc)),
              "the status line says the log cannot be written")
     assert svc.proc.poll() is None
@@ -67,10 +69,11 @@ def test_a_full_disk_pauses_the_daemon_and_freeing_it_resumes(
     assert "EVENT LOG NOT WRITABLE" in shown or "is the state directory's disk full?" in shown
 
     filler.unlink()
-    wait_for(lambda: svc.batch_state("b0001") == "done", "the batch done after freeing", 60)
+    for batch in ("b0001", "b0002"):
+        svc.wait_state(batch, "done", timeout=60)
     assert all(n == 1 for sim in sims for n in sim.counts().values())
     rendered = [r["job_id"] for sim in sims for r in sim.executions()]
-    assert len(rendered) == len(set(rendered)) == 18  # 6 chunks: every job once
+    assert len(rendered) == len(set(rendered)) == 21  # 6 + 1 chunks: every job once
 
     svc.terminate()
     filler = fill(small_disk)  # full while the daemon is down: it starts and waits
@@ -82,7 +85,7 @@ def test_a_full_disk_pauses_the_daemon_and_freeing_it_resumes(
         assert again.proc.poll() is None
         filler.unlink()
         prompt(spool / "tmp", "w").rename(spool / "incoming" / "w.txt")
-        wait_for(lambda: again.batch_state("b0002") == "done", "a render after the restart")
+        wait_for(lambda: again.batch_state("b0003") == "done", "a render after the restart")
         again.terminate()
         assert "Traceback" not in again.stderr()
     finally:

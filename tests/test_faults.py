@@ -7,11 +7,12 @@ import itertools
 import threading
 from collections import Counter
 
-from support import wait_for
-from test_end_to_end import prompt_file, settings_for
+from support import logged, wait_for
+from test_end_to_end import prompt_file, run, settings_for
 
 import daemon
 from instances.client import ComfyClient
+from statemachine.errors import ServerError
 from statemachine.log import EventLog
 from statemachine.store import read_records
 
@@ -31,18 +32,26 @@ def events(state, type_: str | None = None) -> list:
             if type_ is None or r.event.type == type_]
 
 
-def test_a_hung_render_is_interrupted_after_job_timeout_and_retried(tmp_path, sims):
+def hang_until_the_first_interrupt(monkeypatch, sim) -> None:
+    """Renders on ``sim`` hang until the daemon interrupts one: from then on they run
+    (the knob is cleared as the interrupt is sent, so the retry cannot hang too)."""
+    sim.set_faults(hang=True)
+    interrupt = ComfyClient.interrupt
+
+    def interrupt_and_unhang(client, prompt_id):
+        if client.base_url == sim.url:
+            sim.set_faults(hang=False)
+        return interrupt(client, prompt_id)
+
+    monkeypatch.setattr(ComfyClient, "interrupt", interrupt_and_unhang)
+
+
+def test_a_hung_render_is_interrupted_after_job_timeout_and_retried(tmp_path, sims,
+                                                                     monkeypatch):
     high, low = sims
-    high.set_faults(hang=True)
-
-    def unhang_after_the_first_timeout():
-        wait_for(lambda: any(r["status"] == "interrupted" for r in high.executions()),
-                 "the hung render interrupted")
-        high.set_faults(hang=False)
-
+    hang_until_the_first_interrupt(monkeypatch, high)
     settings = settings_for(tmp_path / "state", high.port, low.port, JOB_TIMEOUT=0.5)
-    result = run_while(unhang_after_the_first_timeout, settings,
-                       [prompt_file(tmp_path, "hangs", 101)])
+    result = run(settings, [prompt_file(tmp_path, "hangs", 101)])
     assert result.all_done
     first = [r for r in high.executions() if r["job_id"] == "b0001/H1"]
     assert [r["status"] for r in first] == ["interrupted", "success"]
@@ -51,26 +60,59 @@ def test_a_hung_render_is_interrupted_after_job_timeout_and_retried(tmp_path, si
 
 
 def test_http_500_for_a_while_delays_but_uses_no_attempt_and_runs_nothing_twice(
-        tmp_path, sims):
+        tmp_path, sims, monkeypatch):
+    """The LOW server starts answering 500 just as the first LOW job is posted to it, and
+    goes on until that POST was refused, the daemon has marked the server down and a
+    probe of its health was refused too (the probe must see it fail to see it recover)."""
     high, low = sims
+    state = tmp_path / "state"
+    post_refused, probe_refused = threading.Event(), threading.Event()
+    submit, system_stats = ComfyClient.submit, ComfyClient.system_stats
+    first_post = threading.Lock()
 
-    def break_low_for_a_while():
-        wait_for(lambda: low.executions(), "the first LOW job")
-        low.set_faults(http_500=True)  # the next POST /prompt (and probe) get a 500
-        threading.Event().wait(1.0)
-        low.set_faults(http_500=False)
+    def break_low_on_its_first_post(client, *args, **kwargs):
+        if client.base_url != low.url or not first_post.acquire(blocking=False):
+            return submit(client, *args, **kwargs)
+        low.set_faults(http_500=True)  # this POST /prompt and every GET get a 500
+        try:
+            return submit(client, *args, **kwargs)
+        except ServerError:
+            post_refused.set()
+            raise
 
-    settings = settings_for(tmp_path / "state", high.port, low.port, FALLBACK=False)
-    result = run_while(break_low_for_a_while, settings, [prompt_file(tmp_path, "flaky", 303)])
-    assert result.all_done
-    types = [e.type for e in events(tmp_path / "state")]
+    def probe(client, *args, **kwargs):
+        try:
+            return system_stats(client, *args, **kwargs)
+        except ServerError:
+            if client.base_url == low.url and post_refused.is_set():
+                probe_refused.set()
+            raise
+
+    def mend_low_once_seen_down():
+        wait_for(first_post.locked, "a POST to the LOW server", timeout=60)
+        try:
+            wait_for(post_refused.is_set, "the POST refused", timeout=60)
+            wait_for(lambda: [e for e in logged(state, "instance_down")
+                              if e.instance_id == "low_priority"],
+                     "the LOW server marked down", timeout=60)
+            wait_for(probe_refused.is_set, "a probe of the LOW server refused", timeout=60)
+        finally:
+            low.set_faults(http_500=False)
+
+    monkeypatch.setattr(ComfyClient, "submit", break_low_on_its_first_post)
+    monkeypatch.setattr(ComfyClient, "system_stats", probe)
+    settings = settings_for(state, high.port, low.port, FALLBACK=False)
+    result = run_while(mend_low_once_seen_down, settings, [prompt_file(tmp_path, "flaky", 303)])
+    assert result.all_done and post_refused.is_set()
+    types = [e.type for e in events(state)]
     assert "job_attempt_failed" not in types and "job_failed" not in types
-    assert "instance_down" in types
+    assert [e for e in events(state, "instance_down") if e.instance_id == "low_priority"]
     assert set(high.counts().values()) == {1} and set(low.counts().values()) == {1}
 
 
 def test_jobs_of_a_server_gone_for_instance_lost_timeout_move_to_another(tmp_path, sims):
     high, low = sims
+    low.set_faults(hang=True)  # the LOW job is still running when the server dies
 
     def kill_low_mid_job():
         wait_for(lambda: low.executions(), "a LOW job running")
@@ -127,20 +169,14 @@ def successes_once(sims) -> bool:
 
 
 def test_a_job_queued_behind_a_hung_render_is_reconsidered_and_the_server_recovers(
-        tmp_path, sims):
+        tmp_path, sims, monkeypatch):
     high, low = sims
-    high.set_faults(hang=True)
+    hang_until_the_first_interrupt(monkeypatch, high)
     state = tmp_path / "state"
-
-    def unhang_once_interrupted():
-        wait_for(lambda: any(r["status"] == "interrupted" for r in high.executions()),
-                 "the hung render interrupted")
-        high.set_faults(hang=False)
-
     settings = settings_for(state, high.port, low.port, JOB_TIMEOUT=1.5, QUEUE_TIMEOUT=0.5,
                             FALLBACK=False)
-    result = run_while(unhang_once_interrupted, settings,
-                       [prompt_file(tmp_path, "first", 101), prompt_file(tmp_path, "second", 101)])
+    result = run(settings, [prompt_file(tmp_path, "first", 101),
+                            prompt_file(tmp_path, "second", 101)])
     assert result.all_done and successes_once(sims)
     assert any("QUEUE_TIMEOUT" in e.reason for e in events(state, "job_lost"))
     assert any("JOB_TIMEOUT" in e.error for e in events(state, "job_attempt_failed"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -124,7 +123,7 @@ def test_a_file_renamed_in_is_taken_as_soon_as_its_event_is_seen(
         layout: SpoolLayout, hints: queue.SimpleQueue[SpoolHint]) -> None:
     spool = DropFolder(layout, settle=30.0)  # without the event it would wait 30 s
     path = drop(layout, "sunset.txt")
-    assert spool.scan(time.time()) == []  # fresh mtime, no event seen yet: not yet
+    assert spool.scan(path.stat().st_mtime) == []  # fresh, no event seen yet: not yet
     wait_for(hints, spool, lambda h: h == SpoolHint(HintKind.COMPLETE, str(path)))
     assert spool.due(time.time())
     [c] = spool.scan(time.time())
@@ -143,35 +142,31 @@ def test_a_file_renamed_into_force_is_marked_force(
     assert (c.name, c.force) == ("again.txt", True)
 
 
-def slow_writer(path: Path, pieces: list[bytes], pause: float) -> threading.Thread:
-    def write() -> None:
-        with open(path, "wb") as f:
-            for piece in pieces:
-                f.write(piece)
-                f.flush()
-                time.sleep(pause)  # a slow writer, not synchronisation
-    thread = threading.Thread(target=write)
-    thread.start()
-    return thread
-
-
 @pytest.mark.parametrize("watching", [True, False], ids=["closed-event", "settle-time"])
 def test_a_file_written_in_place_slowly_is_only_taken_whole(
         layout: SpoolLayout, watching: bool) -> None:
+    """The writer pauses after each piece; the time handed to ``scan`` says how long. With
+    the watcher a pause longer than ``settle`` does not cut it off (only its close ends
+    the wait); without, the file is taken once it has been quiet for ``settle``."""
     settle = 0.5
+    pause = settle * 2 if watching else settle * 0.9
     spool = DropFolder(layout, settle=settle)
     inbox: queue.SimpleQueue[SpoolHint] = queue.SimpleQueue()
+    path = layout.incoming / "slow.txt"
     pieces = [b"%d " % i * 50 for i in range(8)]
     with SpoolWatcher(layout, inbox.put if watching else lambda hint: None):
-        writer = slow_writer(layout.incoming / "slow.txt", pieces, pause=settle / 10)
-        deadline = time.monotonic() + 15
-        taken: list[Candidate] = []
-        while not taken and time.monotonic() < deadline:
-            with contextlib.suppress(queue.Empty):  # wake on an event, or look again soon
-                spool.note(inbox.get(timeout=0.02))
-            taken = spool.scan(time.time())
-        writer.join()
-    [c] = taken
+        with open(path, "wb") as f:
+            for n, piece in enumerate(pieces, 1):
+                f.write(piece)
+                f.flush()
+                if watching and n == 1:
+                    wait_for(inbox, spool, lambda h: h == SpoolHint(HintKind.WRITING, str(path)))
+                feed(inbox, spool)
+                assert spool.scan(path.stat().st_mtime + pause) == [], f"taken at piece {n}"
+        if watching:
+            wait_for(inbox, spool, lambda h: h == SpoolHint(HintKind.COMPLETE, str(path)))
+        closed = path.stat().st_mtime
+        [c] = spool.scan(closed if watching else closed + settle)
     assert c.data == b"".join(pieces)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from typing import ClassVar
 
+from support import wait_for
 from test_end_to_end import prompt_file, settings_for
 
 import daemon
@@ -20,11 +21,11 @@ class FlakyLog(EventLog):
     """An event log on a disk that fills up for a while (commits raise, nothing is written)."""
 
     full = threading.Event()
-    refusals: ClassVar[list[int]] = []
+    refusals: ClassVar[list[list[bytes]]] = []  # the lines each refused commit held
 
     def commit(self) -> None:
         if self.full.is_set() and self._pending:
-            self.refusals.append(len(self._pending))
+            self.refusals.append(list(self._pending))
             try:
                 raise OSError(28, "No space left on device")
             except OSError as exc:
@@ -57,13 +58,22 @@ def test_a_full_disk_pauses_dispatch_and_the_run_resumes_when_it_frees(tmp_path,
     FlakyLog.refusals.clear()
     not_durable: list[set[str]] = []
 
+    def refused_after_a_job_finished() -> bool:
+        """A refused commit held a job's success, and the loop has had a turn since: the
+        turn in which it would have posted that job's follower."""
+        held = [any(b'"job_succeeded"' in line for line in lines)
+                for lines in list(FlakyLog.refusals)]
+        return True in held and held.index(True) < len(held) - 1
+
     def fill_disk_for_a_while():
-        while not high.executions():
-            threading.Event().wait(0.01)
+        wait_for(high.executions, "a job on the HIGH server", timeout=60)
         FlakyLog.full.set()
-        threading.Event().wait(0.6)  # jobs finish, their followers would be posted now
-        not_durable.append(received(high, low) - durable_intents(tmp_path / "state"))
-        FlakyLog.full.clear()
+        try:
+            wait_for(refused_after_a_job_finished, "a finished job's success refused",
+                     timeout=60)
+            not_durable.append(received(high, low) - durable_intents(tmp_path / "state"))
+        finally:
+            FlakyLog.full.clear()
 
     filler = threading.Thread(target=fill_disk_for_a_while)
     filler.start()
