@@ -67,16 +67,16 @@ class InstanceAgent:
         self.follower = StreamFollower(iid, config.url, self.client, self.following, post,
                                        self._http.submit, connect_timeout=connect_timeout)
         self.poller = Poller(iid, self.client, self.following, post, wake.set)
-        self.poster = Poster(iid, self.client, self.follower.client_id, self.following, post,
-                             tries, wake.set)
-        self.withdrawer = Withdrawer(iid, self.client, self.following, post, self._stopping,
-                                     probe_backoff_max)
-        self.fetcher = OutputFetcher(iid, self.download, self._http, tries)
         self.watch = HealthWatch(iid, config.url, self.client, post, self.poller.poll,
                                  wake=wake, stopping=self._stopping, workflows=workflows,
                                  health_interval=health_interval,
                                  probe_backoff_max=probe_backoff_max,
                                  poll_interval=poll_interval)
+        self.poster = Poster(iid, self.client, self.follower.client_id, self.following, post,
+                             tries, self.watch.doubt)
+        self.withdrawer = Withdrawer(iid, self.client, self.following, post, self._stopping,
+                                     probe_backoff_max)
+        self.fetcher = OutputFetcher(iid, self.download, self._http, tries)
 
     # --- life --------------------------------------------------------------------------
 

@@ -26,8 +26,9 @@ class HealthWatch:
     """Probes ``/system_stats`` every ``health_interval`` while the server answers; while
     it does not, after 1, 2, 4... seconds (``probe_backoff_max`` at most); at once when
     ``wake`` is set (a request failed). While it is up, runs ``poll`` every
-    ``poll_interval``. Reports ``Health`` when it changes, after ``Validated`` on each
-    (re)connection, so nothing is posted to a server before its workflows were checked.
+    ``poll_interval``. Reports ``Health`` when it changes (or was ``doubt``-ed), after
+    ``Validated`` on each (re)connection, so nothing is posted to a server before its
+    workflows were checked.
     """
 
     def __init__(self, instance_id: str, url: str, client: Probes,
@@ -49,6 +50,15 @@ class HealthWatch:
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"watch {instance_id}")
         self.up: bool | None = None
+        self._doubted = False
+
+    def doubt(self) -> None:
+        """A request failed with trouble of the server's own (unreachable, HTTP 5xx), and
+        the loop took the server DOWN on it: probe now, and report what the probe finds
+        even if it is what this watch already thought (else a server well again by then
+        would never be reported UP)."""
+        self._doubted = True
+        self._wake.set()
 
     def start(self) -> None:
         self._thread.start()
@@ -93,6 +103,7 @@ class HealthWatch:
         return tuple(p for wf in self._workflows for p in wf.check(info, server=server))
 
     def _set_health(self, up: bool, detail: str) -> None:
-        if up != self.up:
+        if up != self.up or self._doubted:
+            self._doubted = False
             self.up = up
             self._post(Health(self.instance_id, up, detail))

@@ -14,7 +14,7 @@ from instances.client import QueueSnapshot
 from instances.fetching import Tries
 from instances.following import Following
 from instances.messages import Posted, PostFailed, Withdrawn
-from statemachine.errors import ComfyDualError, InstanceUnreachable
+from statemachine.errors import ComfyDualError, InstanceTrouble
 
 log = structlog.get_logger("comfy_dual.instances")
 
@@ -39,7 +39,8 @@ class Withdraws(Protocol):
 
 class Poster:
     """Posts one prompt (on the caller's thread, an HTTP one) and reports ``Posted`` or
-    ``PostFailed``; tells ``trouble`` when the server could not be reached."""
+    ``PostFailed``; tells ``trouble`` when the failure is the server's own
+    (``InstanceTrouble``: unreachable, HTTP 5xx), for which the loop takes it DOWN."""
 
     def __init__(self, instance_id: str, client: Posts, client_id: str,
                  following: Following, post: Callable[[object], None], tries: Tries,
@@ -66,7 +67,7 @@ class Poster:
         except ComfyDualError as exc:
             self._following.forget(prompt_id)
             self._post(PostFailed(self.instance_id, job_id, prompt_id, exc))
-            if isinstance(exc, InstanceUnreachable):
+            if isinstance(exc, InstanceTrouble):
                 self._trouble()
             return
         finally:

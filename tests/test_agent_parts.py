@@ -29,7 +29,7 @@ from instances.messages import (
     Withdrawn,
 )
 from instances.posting import Poster, Withdrawer
-from statemachine.errors import InstanceUnreachable, PermanentDispatchError
+from statemachine.errors import InstanceUnreachable, PermanentDispatchError, ServerError
 
 DONE = JobOutcome("success", {}, None)
 FILE = OutputFile("high_001_00001_.latent", "b0001-x")
@@ -177,10 +177,13 @@ def test_a_failed_post_is_reported_and_forgotten(no_wait: Tries) -> None:
     failed = said[-1]
     assert isinstance(failed, PostFailed) and isinstance(failed.error, InstanceUnreachable)
     assert trouble == [1]
+    client.fail = ServerError("HTTP 500")
+    poster.submit("job", "s", {}, {}, [], lambda: None)
+    assert trouble == [1, 1]  # the server's own trouble too
     client.fail = PermanentDispatchError("HTTP 400")
     poster.submit("job", "r", {}, {}, [], lambda: None)
-    assert trouble == [1] and following.posted_ones() == []
-    assert not following.any_posting(["p", "q", "r"])
+    assert trouble == [1, 1] and following.posted_ones() == []
+    assert not following.any_posting(["p", "q", "r", "s"])
 
 
 def test_a_withdrawal_looks_again_until_the_queue_lets_go() -> None:
@@ -227,6 +230,25 @@ def test_a_server_that_comes_back_is_validated_then_up_then_polled(watched) -> N
     wake.set()  # what a failed request does: probe now, not after the backoff
     wait_for(lambda: polls, "a poll")
     assert said[1:] == [Validated("s", ()), Health("s", True, "ComfyUI 0.3")]
+
+
+def test_a_doubted_server_is_probed_at_once_and_reported_even_if_unchanged() -> None:
+    """A POST got HTTP 500 and the loop took the server DOWN; the server is well again by
+    the probe: it must still be reported UP, or it would stay DOWN for good."""
+    client, said = Client(), list[object]()
+    wake, stopping = threading.Event(), threading.Event()
+    watch = HealthWatch("s", "http://gpu0", client, said.append, lambda: None, wake=wake,
+                        stopping=stopping, workflows=(), health_interval=3600,
+                        probe_backoff_max=3600, poll_interval=3600)
+    watch.start()
+    try:
+        wait_for(lambda: Health("s", True, "ComfyUI 0.3") in said, "the first probe")
+        watch.doubt()
+        wait_for(lambda: said.count(Health("s", True, "ComfyUI 0.3")) == 2, "a second UP")
+    finally:
+        stopping.set()
+        wake.set()
+        watch.join(timeout=5)
 
 
 def test_a_finished_video_is_fetched_again_after_a_failure(tmp_path: Path, no_wait: Tries
