@@ -50,7 +50,9 @@ def test_a_hung_render_is_interrupted_after_job_timeout_and_retried(tmp_path, si
                                                                      monkeypatch):
     high, low = sims
     hang_until_the_first_interrupt(monkeypatch, high)
-    settings = settings_for(tmp_path / "state", high.port, low.port, JOB_TIMEOUT=0.5)
+    # 20 times a render's length: only the hung render can reach it (the exact deadline is
+    # tests/test_loop.py's, on a fake clock)
+    settings = settings_for(tmp_path / "state", high.port, low.port, JOB_TIMEOUT=2.0)
     result = run(settings, [prompt_file(tmp_path, "hangs", 101)])
     assert result.all_done
     first = [r for r in high.executions() if r["job_id"] == "b0001/H1"]
