@@ -53,6 +53,8 @@ class Fleet:
         return m.up
 
     def set_health(self, instance_id: str, up: bool, detail: str, now: float) -> None:
+        if not up:  # also when the log says DOWN already: after a restart, from now
+            self.down_since.setdefault(instance_id, now)
         if self.store.instance_up.get(instance_id) == up:
             return
         config = next(i for i in self.settings.instances if i.instance_id == instance_id)
@@ -62,7 +64,6 @@ class Fleet:
             log.info(f"✅ Connected to instance {instance_id} at {config.host}:{config.port}",
                      detail=detail)
         else:
-            self.down_since[instance_id] = now
             self.store.record(ev.InstanceDown(instance_id, detail), now)
             log.warning(f"❌ Instance {instance_id} at {config.host}:{config.port} is down",
                         detail=detail)

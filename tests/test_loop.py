@@ -255,6 +255,26 @@ def test_jobs_on_an_instance_down_for_instance_lost_timeout_go_back_to_ready(tmp
     assert "unreachable" in h.events("job_lost")[0].reason
 
 
+def test_an_instance_still_down_after_a_restart_loses_its_jobs_after_the_timeout(tmp_path
+                                                                                ) -> None:
+    h = Harness(tmp_path, INSTANCE_LOST_TIMEOUT=120, FALLBACK=False)
+    h.all_up()
+    h.submit("v", 202)
+    h["high"].accept("b0001/H1")
+    h["high"].health(False, "connection refused")
+    h.settle()
+    h.open()  # the daemon restarts; the log says high is DOWN already
+    h["high"].health(False, "connection refused")
+    h["low"].health(True)
+    h.settle()
+    h.clock.advance(119.999)
+    h.settle()
+    assert h.job("b0001/H1").state is JobState.QUEUED
+    h.clock.advance(0.001)
+    h.settle()
+    assert h.job("b0001/H1").state is JobState.READY
+
+
 @pytest.mark.parametrize("fallback", [True, False])
 def test_with_its_own_instance_down_a_kind_falls_back_only_when_allowed(tmp_path, fallback
                                                                         ) -> None:
