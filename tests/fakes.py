@@ -198,6 +198,15 @@ class Harness:
     def settle(self) -> int:
         return self.loop.burst()
 
+    def turn_before_and_at(self, seconds: float, before: Callable[[], bool]) -> None:
+        """Settle 0.001 s short of ``seconds`` from now, where ``before`` must still hold,
+        then exactly at it: a deadline is met neither early nor late."""
+        self.clock.advance(seconds - 0.001)
+        self.settle()
+        assert before(), f"reached {seconds:g} s from now too early"
+        self.clock.advance(0.001)
+        self.settle()
+
     def all_up(self) -> None:
         for agent in self.agents.values():
             agent.health(True)

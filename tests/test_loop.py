@@ -107,11 +107,7 @@ def test_a_failed_render_waits_for_its_retry_delay_then_goes_again(tmp_path) -> 
     assert job.state is JobState.READY and job.eligible_at == h.clock() + 5
     assert h["high"].withdrawals  # the server is asked to make sure it is gone
     h["high"].let_go()
-    h.clock.advance(4.999)
-    h.settle()
-    assert len(h["high"].submitted) == 1
-    h.clock.advance(0.001)
-    h.settle()
+    h.turn_before_and_at(5, lambda: len(h["high"].submitted) == 1)
     assert [s.job_id for s in h["high"].submitted] == ["b0001/H1", "b0001/H1"]
     assert h["high"].submitted[0].prompt_id != h["high"].submitted[1].prompt_id
 
@@ -183,11 +179,7 @@ def test_a_render_running_past_job_timeout_fails_its_attempt_and_is_withdrawn(tm
     h["high"].start("b0001/H1")
     h.settle()
     prompt_id = h["high"].prompt("b0001/H1").prompt_id
-    h.clock.advance(599.999)
-    h.settle()
-    assert h.job("b0001/H1").state is JobState.RUNNING
-    h.clock.advance(0.001)
-    h.settle()
+    h.turn_before_and_at(600, lambda: h.job("b0001/H1").state is JobState.RUNNING)
     (failure,) = h.events("job_attempt_failed")
     assert "JOB_TIMEOUT" in failure.error and h.job("b0001/H1").attempts == 1
     assert h["high"].withdrawals == [(prompt_id,)]
@@ -205,11 +197,7 @@ def test_a_job_queued_past_queue_timeout_moves_without_using_an_attempt(tmp_path
     h.submit("v", 202)
     h["high"].accept("b0001/H1")
     h.settle()
-    h.clock.advance(899.999)
-    h.settle()
-    assert h.job("b0001/H1").state is JobState.QUEUED
-    h.clock.advance(0.001)
-    h.settle()
+    h.turn_before_and_at(900, lambda: h.job("b0001/H1").state is JobState.QUEUED)
     assert "QUEUE_TIMEOUT" in h.events("job_lost")[0].reason
     assert h.job("b0001/H1").attempts == 0 and h["high"].withdrawals
 
@@ -223,11 +211,7 @@ def test_a_server_that_does_not_let_go_within_interrupt_grace_is_down_until_it_d
     h.settle()
     h.clock.advance(900)
     h.settle()
-    h.clock.advance(119.999)
-    h.settle()
-    assert h.store.instance_up["high"] is True
-    h.clock.advance(0.001)
-    h.settle()
+    h.turn_before_and_at(120, lambda: h.store.instance_up["high"] is True)
     assert h.store.instance_up["high"] is False
     assert "INTERRUPT_GRACE" in h.events("instance_down")[-1].reason
     h["high"].health(True)  # it answers probes, but still holds the prompt
@@ -252,11 +236,7 @@ def test_jobs_on_an_instance_down_for_instance_lost_timeout_go_back_to_ready(tmp
         h["high"].health(False, "connection refused")
         h["low"].health(True)
         h.settle()
-    h.clock.advance(119.999)
-    h.settle()
-    assert h.job("b0001/H1").state is JobState.QUEUED
-    h.clock.advance(0.001)
-    h.settle()
+    h.turn_before_and_at(120, lambda: h.job("b0001/H1").state is JobState.QUEUED)
     assert h.job("b0001/H1").state is JobState.READY
     assert "unreachable" in h.events("job_lost")[0].reason
 
