@@ -13,6 +13,27 @@ from statemachine.plan import JobKind
 from statemachine.scheduler import fifo_of, line_of
 
 
+def lead_of(batch: Batch) -> dict[JobKind, int]:
+    """How many more render jobs of each kind the video has left than of its least kind,
+    while it has some of every kind left.
+
+    A video's renders alternate kinds (HIGH 1, LOW 1, HIGH 2, ...): once the HIGH job of
+    a chunk has ended, the video has one LOW job more left than HIGH, the one its next
+    HIGH job waits for. Summed over the videos, that lead is the offset between the two
+    stages of a pipeline, not a backlog: the LOW servers are always that far behind while
+    videos go through. Counted as unfinished work it made the LOW servers look short, and
+    HIGH servers switched models to take LOW jobs that the LOW servers would have reached
+    in time, while their own work came back and waited (bench/makespan.py's W6 in the
+    replay of tests/test_scheduler_chains.py: 55.1 units with stealing against 51.4
+    without; 51.4 with the lead left out). A video's last LOW job, with no HIGH job left
+    behind it, is work like any other."""
+    counts = batch.unended
+    least = min(counts.values(), default=0)
+    if not least:
+        return {}
+    return {kind: n - least for kind, n in counts.items() if n > least}
+
+
 class Indexes:
     """The ready and in-flight jobs, the combining batches and the job counters."""
 
@@ -21,12 +42,15 @@ class Indexes:
         self.in_flight: dict[str, Job] = {}
         self.combining: dict[str, Batch] = {}  # batches whose COMBINE gate is open
         self.unfinished: Counter[JobKind] = Counter()  # jobs not ended, by kind
+        self.lead: Counter[JobKind] = Counter()  # the videos' leads (``lead_of``), summed
         self.state_counts: Counter[JobState] = Counter()  # jobs in each state
 
     def accepted(self, jobs: Sequence[Job]) -> None:
         """A batch's new jobs: all waiting, none ended."""
         self.unfinished.update(job.kind for job in jobs)
         self.state_counts[JobState.WAITING] += len(jobs)
+        if jobs:
+            self.lead.update(lead_of(jobs[0].batch))
 
     def moved(self, job: Job, old: JobState, seq: int, *, live: bool = False) -> None:
         """Keep the ready and in-flight indexes and the counters the rules use (a ready
@@ -48,12 +72,21 @@ class Indexes:
             del self.in_flight[job.job_id]
         if (old in JOB_FINAL) == (new in JOB_FINAL):
             return
-        self.unfinished[job.kind] += -1 if new in JOB_FINAL else 1
+        ended = new in JOB_FINAL
+        self.unfinished[job.kind] += -1 if ended else 1
+        if job.kind.renders:
+            self._count_render(job.batch, job.kind, -1 if ended else 1)
         if new is JobState.SUCCEEDED:
             if job.kind.renders:
                 job.batch.renders_left -= 1
             else:
                 job.batch.combines_left -= 1
+
+    def _count_render(self, batch: Batch, kind: JobKind, change: int) -> None:
+        """One render of ``batch`` more (+1) or fewer (-1) not ended; its lead follows."""
+        self.lead.subtract(lead_of(batch))
+        batch.unended[kind] += change
+        self.lead.update(lead_of(batch))
 
     def batch_moved(self, batch: Batch) -> None:
         if batch.state is BatchState.COMBINING:
@@ -75,9 +108,11 @@ class Indexes:
         return sum(count for kind, count in self.unfinished.items() if kind.renders)
 
     def coming_work(self) -> dict[str, int]:
-        """Jobs not ended per kind that someone can plan on: every render of an open
-        batch, COMBINE jobs only behind an open gate (the scheduler's ``unfinished``)."""
-        coming = {kind.value: n for kind, n in self.unfinished.items() if kind.renders and n}
+        """Jobs not ended per kind that someone can plan on (the scheduler's
+        ``unfinished``): the renders of open batches less the videos' leads
+        (``lead_of``), COMBINE jobs only behind an open gate."""
+        coming = {kind.value: n - self.lead[kind] for kind, n in self.unfinished.items()
+                  if kind.renders and n > self.lead[kind]}
         combines = sum(batch.combines_left for batch in self.combining.values())
         return coming | ({JobKind.COMBINE.value: combines} if combines else {})
 

@@ -11,6 +11,7 @@ made and replay must be fast (the machine costs ~6 us a move, the table ~0.1 us)
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from enum import Enum, StrEnum
@@ -131,6 +132,7 @@ class Batch:
         "renders_left",
         "state",
         "summary",
+        "unended",
     )
 
     def __init__(self, plan: BatchPlan, accepted_at: float, number: int = 0) -> None:
@@ -143,6 +145,8 @@ class Batch:
         self.jobs: list[Job] = []
         self.renders_left = sum(1 for j in plan.jobs if j.kind.renders)
         self.combines_left = len(plan.jobs) - self.renders_left
+        # its render jobs not ended (succeeded, failed or cancelled), by kind
+        self.unended: Counter[JobKind] = Counter(j.kind for j in plan.jobs if j.kind.renders)
         self.summary: DoneSummary | None = None
 
     @property

@@ -31,7 +31,9 @@ Rules, in the order they apply:
      ready meanwhile, waits for the stolen job; and
   2. the instances of the job's type have more unfinished work each (``unfinished``
      jobs, ready or not, times their expected durations, shared by the UP instances of
-     their type; COMBINE work by no more than ``combine_concurrency`` of them) than the
+     their type; COMBINE work by no more than ``combine_concurrency`` of them; without
+     the render a video has left of one kind more than of the other, which only waits
+     its turn in the video's chain: ``statemachine.indexes.lead_of``) than the
      thief's own kinds (COMBINE too) leave it, even after it took this job and paid
      those switches: stealing evens out the work left; it never moves work to the
      server that has more of its own.
@@ -177,8 +179,9 @@ def schedule(ready: Iterable[ReadyJob], instances: Sequence[InstanceView], *, no
     ``costs`` and ``unfinished`` are what stealing and the cost-aware choice of instance
     go by; without them jobs go to the instance with the most free slots and nothing is
     stolen. ``unfinished`` counts, per kind, the jobs not ended yet (waiting, ready or in
-    flight) that are coming: render jobs of open batches, and COMBINE jobs of batches
-    whose gate is open (a closed gate's COMBINE jobs are not work anyone can plan on).
+    flight) that are coming: render jobs of open batches (less the videos' leads), and
+    COMBINE jobs of batches whose gate is open (a closed gate's COMBINE jobs are not work
+    anyone can plan on).
     ``combines_coming`` says that a COMBINE job is expected to become ready soon (a batch's
     last renders are in flight): see the standby rule in the module docstring.
     """

@@ -85,6 +85,20 @@ def test_coming_work_counts_renders_and_combines_behind_an_open_gate_only():
     assert store.coming_work() == {}
 
 
+def test_coming_work_leaves_out_the_low_job_a_video_has_left_beyond_its_high_jobs():
+    """Once a chunk's HIGH job has ended, the video has one LOW job more left than HIGH:
+    the pipeline's offset, not LOW work to even out (``statemachine.indexes.lead_of``),
+    until it is the video's last."""
+    store = Store(MemoryLog())
+    store.record(ev.BatchAccepted(make_plan("b1", frames=202)), 0.0)
+    run(store, "b1/H1", "high", 0.0, 1.0)
+    assert store.coming_work() == {"HIGH": 1, "LOW": 1}
+    run(store, "b1/L1", "low", 1.0, 2.0)
+    assert store.coming_work() == {"HIGH": 1, "LOW": 1}
+    run(store, "b1/H2", "high", 2.0, 3.0)
+    assert store.coming_work() == {"LOW": 1}  # its last: no HIGH job waits for it
+
+
 def test_estimates_survive_replay_and_compaction():
     log = MemoryLog()
     store = Store(log)

@@ -194,20 +194,20 @@ STEAL_FARM = tuple(Inst(i.instance_id, i.job_types, 2,
                         frozenset({"HIGH", "LOW"}) - i.job_types) for i in FARM)
 
 
-@pytest.mark.parametrize(("instances", "ceiling", "switches"),
-                         [(FARM, 51.4, 31), (STEAL_FARM, 55.1, 59)], ids=["strict", "stealing"])
-def test_forty_videos_with_a_model_switch_end_within_a_ceiling(instances, ceiling, switches):
+@pytest.mark.parametrize("instances", [FARM, STEAL_FARM], ids=["strict", "stealing"])
+def test_forty_videos_with_a_model_switch_end_within_a_ceiling(instances):
     """bench/makespan.py's W6: W5 with a 0.5-unit model switch whenever a server runs a
     job of another kind than its last. Its bound, 44.19, counts one load of each model in
     the whole farm; but a server that joins a video's chunks between renders loads the
-    COMBINE model and then its own again (strict: 8 first loads and 23 such switches,
-    11.5 units of server time). With stealing, HIGH servers take ten LOW jobs between 25
-    and 37 units (more LOW work is left than HIGH: the LOW jobs of the videos whose HIGH
-    has ended), two switches each, and the HIGH jobs that become ready meanwhile wait:
-    55.1, later than strict pinning."""
+    COMBINE model and then its own again (8 first loads and 23 such switches, 11.5 units
+    of server time): 51.4. Stealing changes nothing here: HIGH and LOW take as long as
+    each other, and the LOW jobs the videos have left beyond their HIGH jobs are the
+    pipeline's offset, not a backlog (``statemachine.indexes.lead_of``). Counted as work
+    they had HIGH servers take ten LOW jobs between 25 and 37 units, two switches each,
+    while HIGH jobs became ready and waited: 55.1 units and 59 switches."""
     farm = forty_videos(instances, switch_cost=0.5)
-    assert farm.run() <= ceiling + 1e-9
-    assert farm.switches <= switches
+    assert farm.run() <= 51.4 + 1e-9
+    assert farm.switches <= 31
     assert all(b.state.value == "done" for b in farm.store.batches.values())
 
 

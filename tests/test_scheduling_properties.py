@@ -220,9 +220,18 @@ class CoreMachine(RuleBasedStateMachine):
                 "foreign_in_flight": sum(1 for j in mine if j.kind.value not in inst.job_types)}
 
     def unfinished(self) -> Counter:
-        """Renders not ended, and COMBINE jobs not ended behind an open gate."""
-        return Counter(j.kind.value for j in self.store.jobs.values() if j.state not in JOB_FINAL
+        """Renders not ended less each video's lead (while it has some of every kind left,
+        what it has left beyond its least kind), and COMBINE jobs not ended behind an open
+        gate."""
+        left = Counter(j.kind.value for j in self.store.jobs.values() if j.state not in JOB_FINAL
                        and (j.kind.renders or j.batch.state is BatchState.COMBINING))
+        for batch in self.store.batches.values():
+            renders = Counter(j.kind.value for j in batch.jobs
+                              if j.kind.renders and j.state not in JOB_FINAL)
+            least = min(renders[k.value] for k in JobKind if k.renders)
+            if least:
+                left.subtract({kind: n - least for kind, n in renders.items()})
+        return +left
 
     def check_fifo(self, picks, ready, views) -> None:
         """No eligible job is passed over for one that comes after it in line (``place``),
