@@ -83,10 +83,19 @@ class Indexes:
                 job.batch.combines_left -= 1
 
     def _count_render(self, batch: Batch, kind: JobKind, change: int) -> None:
-        """One render of ``batch`` more (+1) or fewer (-1) not ended; its lead follows."""
-        self.lead.subtract(lead_of(batch))
-        batch.unended[kind] += change
-        self.lead.update(lead_of(batch))
+        """One render of ``batch`` more (+1) or fewer (-1) not ended; its lead follows
+        (``lead_of``, without making a dict: this runs for every render on replay)."""
+        counts = batch.unended
+        self._add_lead(counts, -1)
+        counts[kind] += change
+        self._add_lead(counts, 1)
+
+    def _add_lead(self, counts: dict[JobKind, int], sign: int) -> None:
+        least = min(counts.values(), default=0)
+        if least:
+            for kind, n in counts.items():
+                if n > least:
+                    self.lead[kind] += sign * (n - least)
 
     def batch_moved(self, batch: Batch) -> None:
         if batch.state is BatchState.COMBINING:

@@ -146,7 +146,8 @@ class Batch:
         self.renders_left = sum(1 for j in plan.jobs if j.kind.renders)
         self.combines_left = len(plan.jobs) - self.renders_left
         # its render jobs not ended (succeeded, failed or cancelled), by kind
-        self.unended: Counter[JobKind] = Counter(j.kind for j in plan.jobs if j.kind.renders)
+        self.unended: dict[JobKind, int] = dict(Counter(j.kind for j in plan.jobs
+                                                        if j.kind.renders))
         self.summary: DoneSummary | None = None
 
     @property
@@ -176,6 +177,7 @@ class Batch:
         self.summary = DoneSummary(len(jobs), last.outputs, last.instance_id)
         self.jobs = []
         self.plan = replace(self.plan, jobs=())
+        self.unended = {}
         return jobs
 
     def __repr__(self) -> str:
