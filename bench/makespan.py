@@ -64,7 +64,6 @@ import itertools
 import json
 import logging
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -150,21 +149,17 @@ def steal_types(layout: Layout) -> dict[str, frozenset[str]]:
 # --- simulated servers, settings, prompt files -------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def simulators(count: int, durations: Mapping[str, float], switch_cost: float,
                output_dir: Path) -> Iterator[list[int]]:
-    """``count`` simulator processes sharing ``output_dir``; yields their ports."""
+    """``count`` simulator processes sharing ``output_dir``; yields their ports. Each
+    picks its own free port and says which (a port found free here could be taken by
+    another socket before the simulator bound it)."""
     procs: list[subprocess.Popen[str]] = []
-    ports = [free_port() for _ in range(count)]
+    ports: list[int] = []
     try:
-        for port in ports:
-            args = [sys.executable, "-m", "simulator", "--port", str(port),
+        for _ in range(count):
+            args = [sys.executable, "-m", "simulator", "--port", "0",
                     "--switch-cost", str(switch_cost), "--output-dir", str(output_dir),
                     *(f"--duration={k}={v}" for k, v in durations.items())]
             proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE,
@@ -172,7 +167,8 @@ def simulators(count: int, durations: Mapping[str, float], switch_cost: float,
             procs.append(proc)
             line = proc.stdout.readline() if proc.stdout else ""
             if "listening" not in line:
-                raise RuntimeError(f"simulator on port {port} did not start: {line!r}")
+                raise RuntimeError(f"a simulator did not start: {line!r}")
+            ports.append(int(line.rsplit(":", 1)[1]))
         yield ports
     finally:
         for proc in procs:
