@@ -3,19 +3,20 @@ renders, to an idle instance if there is one, and nothing queues behind it."""
 
 from __future__ import annotations
 
-import heapq
 import random
-from collections import deque
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
-from support import Inst, Ready, dispatch, make_plan
+from support import Inst, Ready, make_plan
 
 from statemachine import events as ev
-from statemachine.log import MemoryLog
 from statemachine.plan import JobKind
 from statemachine.scheduler import Assignment, Costs, InstanceView, schedule
-from statemachine.store import Store
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from replay import Replay
 
 
 def ready(*kinds: str) -> list[Ready]:
@@ -71,74 +72,10 @@ def test_with_one_instance_for_combines_the_order_stays_fifo_and_nothing_is_held
     assert run(ready("LOW"), views, combines_in_flight=1) == [Assignment("LOW", "high")]
 
 
-# --- a whole run, on servers without latency -------------------------------------------
+# --- a whole run, on servers without latency (bench/replay.py) ----------------------------
 
 
 DUAL = (Inst("high", frozenset({"HIGH", "COMBINE"})), Inst("low", frozenset({"LOW", "COMBINE"})))
-
-
-class Farm:
-    """The daemon's loop on the real store and scheduler, and servers that run their FIFO
-    queue with no latency: a turn after every instant at which jobs end. With
-    ``switch_cost``, a server takes that much longer for a job of another kind than the one
-    it ran before (its first job too), as the simulator does."""
-
-    def __init__(self, durations: dict[str, float], instances: tuple[Inst, ...] = DUAL,
-                 switch_cost: float = 0.0) -> None:
-        self.store = Store(MemoryLog())
-        self.durations = durations
-        self.instances = instances
-        self.switch_cost = switch_cost  # added to a job of another kind than the server's last
-        self.last: dict[str, str] = {}  # instance -> kind of the last job it ran
-        self.switches = 0
-        self.queues: dict[str, deque[str]] = {i.instance_id: deque() for i in instances}
-        self.running: dict[str, str] = {}
-        self.ends: list[tuple[float, str]] = []  # when the job running on an instance ends
-        self.now = 0.0
-        for inst in instances:
-            self.store.record(ev.InstanceUp(inst.instance_id), 0.0)
-
-    def run(self) -> float:
-        while True:
-            self.turn()
-            if not self.ends:
-                return self.now
-            self.now = self.ends[0][0]
-            while self.ends and self.ends[0][0] == self.now:
-                self.finish(heapq.heappop(self.ends)[1])
-
-    def turn(self) -> None:
-        store = self.store
-        picks = schedule(store.ready.values(),
-                         store.instance_views(self.instances, now=self.now),
-                         now=self.now, fallback=False, combine_concurrency=1,
-                         combines_in_flight=store.combines_in_flight(),
-                         costs=store.estimates.costs(), unfinished=store.coming_work(),
-                         combines_coming=store.combines_coming())
-        for pick in picks:
-            prompt_id = dispatch(store, pick.job_id, pick.instance_id, self.now)
-            store.record(ev.JobQueued(pick.job_id, prompt_id, 1), self.now)
-            self.queues[pick.instance_id].append(pick.job_id)
-            self.start(pick.instance_id)
-        store.commit()
-
-    def start(self, instance_id: str) -> None:
-        queue = self.queues[instance_id]
-        if instance_id in self.running or not queue:
-            return
-        job = self.store.jobs[queue.popleft()]
-        self.running[instance_id] = job.job_id
-        self.store.record(ev.JobStarted(job.job_id, job.flying_prompt_id), self.now)
-        kind = job.kind.value
-        switch = self.switch_cost if self.last.get(instance_id) != kind else 0.0
-        self.switches += switch > 0
-        self.last[instance_id] = kind
-        heapq.heappush(self.ends, (self.now + switch + self.durations[kind], instance_id))
-
-    def finish(self, instance_id: str) -> None:
-        job = self.store.jobs[self.running.pop(instance_id)]
-        self.store.record(ev.JobSucceeded(job.job_id, job.flying_prompt_id, {}), self.now)
-        self.start(instance_id)
 
 
 @pytest.mark.parametrize(("low", "optimum"), [(1.0, 23.0), (2.0, 42.0)], ids=["W1", "W2"])
@@ -148,7 +85,7 @@ def test_four_videos_of_five_chunks_end_at_the_optimum(low, optimum):
     COMBINE jobs (1 unit) run one at a time after every render, the other server idle.
     W1: (44 units of work + 2 idle) / 2 = 23; queued behind renders its chains took 23.8.
     W2: the LOW server's 40 units, plus those 2."""
-    farm = Farm({"HIGH": 1.0, "LOW": low, "COMBINE": 0.2})
+    farm = Replay({"HIGH": 1.0, "LOW": low, "COMBINE": 0.2}, DUAL)
     for n in range(4):
         farm.store.record(ev.BatchAccepted(make_plan(f"b{n}", 500)), 0.0)
     assert farm.run() == pytest.approx(optimum)
@@ -181,10 +118,10 @@ def test_forty_videos_on_eight_servers_end_within_eleven_percent_of_the_bound():
     assert all(b.state.value == "done" for b in farm.store.batches.values())
 
 
-def forty_videos(instances: tuple[Inst, ...], switch_cost: float = 0.0) -> Farm:
+def forty_videos(instances: tuple[Inst, ...], switch_cost: float = 0.0) -> Replay:
     """bench/makespan.py's W5 (W6 with ``switch_cost`` 0.5) on ``instances``."""
     rng = random.Random(7)
-    farm = Farm({"HIGH": 1.0, "LOW": 1.0, "COMBINE": 0.2}, instances, switch_cost)
+    farm = Replay({"HIGH": 1.0, "LOW": 1.0, "COMBINE": 0.2}, instances, switch_cost=switch_cost)
     for n in range(40):
         farm.store.record(ev.BatchAccepted(make_plan(f"b{n:02d}", rng.randint(60, 700))), 0.0)
     return farm
