@@ -14,8 +14,9 @@ server's queue (the commit, the POST). ``--notify-latency``: units from a job st
 or ending on its server to the daemon's turn that records it. A job queued behind
 another starts the instant that one ends, as on a server. Workloads and policies are
 ``bench/makespan.py``'s (``--seeds`` draws other video lengths for W3, W5 and W6); the
-figures are in units: makespan, the lower bound, their ratio, model switches and jobs
-stolen.
+figures are in units: makespan, the lower bound, their ratio; and counts: model switches
+(a server's first job and each change of kind, as ``bench/makespan.py`` counts them) and
+jobs stolen.
 """
 
 # ruff: noqa: E402 - the repository root goes on sys.path before the project is imported
@@ -134,10 +135,10 @@ class Replay:
         self.running.add(instance_id)
         self._after(self.notify_latency, self._heard, job_id, "started")
         kind = self.store.jobs[job_id].kind.value
-        switch = self.switch_cost if self.last.get(instance_id) != kind else 0.0
-        self.switches += switch > 0
+        switched = self.last.get(instance_id) != kind
+        self.switches += switched
         self.last[instance_id] = kind
-        heapq.heappush(self._due, (self.now + switch + self.durations[kind],
+        heapq.heappush(self._due, (self.now + self.switch_cost * switched + self.durations[kind],
                                    next(self._order), lambda: self._end(instance_id, job_id)))
 
     def _end(self, instance_id: str, job_id: str) -> None:
