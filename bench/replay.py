@@ -32,6 +32,7 @@ import sys
 import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,9 @@ from statemachine.store import Store
 class Replay:
     """The daemon's turns on the real store and scheduler against servers in simulated
     time, with the rules of ``policy``. ``instances`` are read as ``Store.instance_views``
-    reads configured ones. With
-    ``switch_cost``, a server takes that much longer for a job of another kind than the one
-    it ran before (its first job too), as the simulator does. A turn runs once all that
-    happens at one instant is recorded."""
+    reads configured ones. With ``switch_cost``, a server takes that much longer for a job
+    of another kind than the one it ran before (its first job too), as the simulator does.
+    A turn runs once all that happens at one instant is recorded."""
 
     def __init__(self, durations: Mapping[str, float], instances: Sequence[Any], *,
                  switch_cost: float = 0.0, post_latency: float = 0.0,
@@ -112,16 +112,19 @@ class Replay:
                          self.now)
             store.record(ev.JobQueued(pick.job_id, prompt_id, 1), self.now)
             self.stolen += pick.stolen
-            self._after(self.post_latency, self._arrive, pick.instance_id, pick.job_id)
+            self._after(self.post_latency, partial(self._arrive, pick.instance_id, pick.job_id))
         store.commit()
 
-    def _after(self, delay: float, action: Callable[..., None], *args: str) -> None:
-        """``action(*args)`` ``delay`` units from now; at once if that is no time."""
+    def _after(self, delay: float, action: Callable[[], None]) -> None:
+        """``action()`` ``delay`` units from now; at once if that is no time (a latency of
+        zero adds no step, so the run is the same as one without latency)."""
         if delay <= 0:
-            action(*args)
+            action()
         else:
-            heapq.heappush(self._due, (self.now + delay, next(self._order),
-                                       lambda: action(*args)))
+            self._at(self.now + delay, action)
+
+    def _at(self, when: float, action: Callable[[], None]) -> None:
+        heapq.heappush(self._due, (when, next(self._order), action))
 
     def _arrive(self, instance_id: str, job_id: str) -> None:
         self.queues[instance_id].append(job_id)
@@ -131,35 +134,35 @@ class Replay:
         queue = self.queues[instance_id]
         if instance_id in self.running or not queue:
             return
-        job_id = queue.popleft()
+        job = self.store.jobs[queue.popleft()]
         self.running.add(instance_id)
-        self._after(self.notify_latency, self._heard, job_id, "started")
-        kind = self.store.jobs[job_id].kind.value
+        self._heard(ev.JobStarted(job.job_id, job.flying_prompt_id))
+        kind = job.kind.value
         switched = self.last.get(instance_id) != kind
         self.switches += switched
         self.last[instance_id] = kind
-        heapq.heappush(self._due, (self.now + self.switch_cost * switched + self.durations[kind],
-                                   next(self._order), lambda: self._end(instance_id, job_id)))
+        self._at(self.now + self.switch_cost * switched + self.durations[kind],
+                 partial(self._end, instance_id, ev.JobSucceeded(job.job_id,
+                                                                 job.flying_prompt_id, {})))
 
-    def _end(self, instance_id: str, job_id: str) -> None:
+    def _end(self, instance_id: str, succeeded: ev.JobSucceeded) -> None:
         self.running.discard(instance_id)
         self.end = self.now
-        self._after(self.notify_latency, self._heard, job_id, "ended")
+        self._heard(succeeded)
         self._start(instance_id)
 
-    def _heard(self, job_id: str, what: str) -> None:
-        job = self.store.jobs[job_id]
-        event = (ev.JobStarted(job_id, job.flying_prompt_id) if what == "started"
-                 else ev.JobSucceeded(job_id, job.flying_prompt_id, {}))
-        self.store.record(event, self.now)
+    def _heard(self, event: ev.Event) -> None:
+        """The daemon records ``event`` once ``notify_latency`` has passed."""
+        self._after(self.notify_latency, lambda: self.store.record(event, self.now))
 
 
-def replay(workload: makespan.Workload, strategy: makespan.Strategy, *,
-           post_latency: float, notify_latency: float, work: Path) -> dict[str, Any]:
-    """One workload and policy, as ``bench/makespan.py`` would run it, replayed."""
+def replay(workload: makespan.Workload, strategy: makespan.Strategy, files: Sequence[Path],
+           *, post_latency: float, notify_latency: float) -> dict[str, Any]:
+    """One workload (its prompt ``files``) and policy, as ``bench/makespan.py`` would run
+    it, replayed."""
     ports = range(8188, 8188 + len(workload.layout))  # never opened
-    settings = makespan.bench_settings(work / "state", ports, strategy, layout=workload.layout)
-    files = makespan.write_prompts(work / workload.name, workload.frames)
+    settings = makespan.bench_settings(files[0].parent / "state", ports, strategy,
+                                       layout=workload.layout)
     plans = makespan.plans_of(files, settings)
     instances = settings.instances
     run = Replay(workload.durations, instances, switch_cost=workload.switch_cost,
@@ -193,10 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="comfy-dual-replay-") as tmp:
         for seed in args.seeds:
             for workload in (w for w in makespan.workloads(seed) if w.name in args.workloads):
+                files = makespan.write_prompts(Path(tmp) / f"{seed}-{workload.name}",
+                                               workload.frames)
                 for strategy in strategies:
                     row = {"seed": seed, **replay(
-                        workload, strategy, post_latency=args.post_latency,
-                        notify_latency=args.notify_latency, work=Path(tmp) / str(seed))}
+                        workload, strategy, files, post_latency=args.post_latency,
+                        notify_latency=args.notify_latency)}
                     rows.append(row)
                     print(json.dumps(row) if args.json else
                           f"seed {seed:<4} {row['workload']:<3} {row['policy']:<14} "
