@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 from hypothesis import Phase, settings
 
+# the tests' helpers (support, fakes) and the benchmarks some tests run (chaos, replay)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 sys.path.insert(0, str(Path(__file__).parent))
 
 import config

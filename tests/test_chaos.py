@@ -4,10 +4,6 @@ workload, judged by the servers' own execution records (bench/chaos.py has the l
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import chaos
 

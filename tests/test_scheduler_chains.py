@@ -4,19 +4,15 @@ renders, to an idle instance if there is one, and nothing queues behind it."""
 from __future__ import annotations
 
 import random
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
+from replay import Replay
 from support import Inst, Ready, make_plan
 
 from statemachine import events as ev
 from statemachine.plan import JobKind
 from statemachine.scheduler import Assignment, Costs, InstanceView, schedule
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from replay import Replay
 
 
 def ready(*kinds: str) -> list[Ready]:
